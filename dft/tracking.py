@@ -1,0 +1,104 @@
+"""Weights & Biases, one run per cell.
+
+``group`` = the sweep (experiment), ``job_type`` = the strategy, ``name`` = a readable cell id,
+tags = model family, start (base/instruct), chain, merge method. The run id is derived from the
+experiment and cell, with ``resume="allow"``, so a requeued SLURM job continues the same run.
+``mode: auto`` logs online when ``WANDB_API_KEY`` is set and offline otherwise (offline runs are
+written under the run directory; nothing waits on the network). Every cell calls
+:meth:`Tracker.finish`, or later cells of a multirun would log into this cell's run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+log = logging.getLogger(__name__)
+
+SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "OPENAI_API_KEY")
+
+
+def resolve_mode(mode: str) -> str:
+    """``auto`` -> ``online`` with a key in the environment, else ``offline``."""
+    if mode != "auto":
+        return mode
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+def run_id(experiment: str, cell: str) -> str:
+    """Stable W&B run id of a cell (16 hex digits of sha256(experiment/cell))."""
+    return hashlib.sha256(f"{experiment}/{cell}".encode()).hexdigest()[:16]
+
+
+class Tracker:
+    """A W&B run for one cell, or a no-op when ``logger.backend`` is ``none``/mode ``disabled``."""
+
+    def __init__(self, logger_cfg: Any, *, run_dir: Path, experiment: str, cell: str, name: str,
+                 job_type: str, tags: list[str], config: dict, enabled: bool = True):
+        self.run = None
+        self.mode = resolve_mode(logger_cfg.mode)
+        if not enabled or logger_cfg.backend == "none" or self.mode == "disabled":
+            return
+        import wandb
+
+        os.environ.setdefault("WANDB_SILENT", "true")
+        os.environ["WANDB_MODE"] = self.mode
+        os.environ["WANDB_DIR"] = str(run_dir)
+        self.run = wandb.init(
+            project=logger_cfg.project,
+            entity=logger_cfg.entity,
+            group=experiment,
+            job_type=job_type,
+            name=name,
+            tags=sorted(set(tags) | set(logger_cfg.tags)),
+            id=run_id(experiment, cell),
+            resume="allow",
+            config=config,
+            dir=str(run_dir),
+            mode=self.mode,
+            reinit="finish_previous",
+        )
+        log.info("W&B %s run %s (%s)", self.mode, self.run.id, self.run.dir)
+
+    @property
+    def report_to(self) -> str:
+        """Value for TRL's ``report_to``: ``wandb`` when a run is active, else ``none``."""
+        return "wandb" if self.run is not None else "none"
+
+    def log(self, metrics: dict) -> None:
+        if self.run is not None and metrics:
+            self.run.log(metrics)
+
+    def summary(self, metrics: dict) -> None:
+        if self.run is not None:
+            self.run.summary.update(metrics)
+
+    def table(self, key: str, rows: list[dict]) -> None:
+        """Log ``rows`` (dicts with the same keys) as a W&B table under ``key``."""
+        if self.run is None or not rows:
+            return
+        import wandb
+
+        cols = list(rows[0].keys())
+        self.run.log({key: wandb.Table(columns=cols, data=[[str(r.get(c)) if isinstance(r.get(c), (dict, list)) else r.get(c) for c in cols] for r in rows])})
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self.run is not None:
+            self.run.finish(exit_code=exit_code)
+            self.run = None
+
+
+def scrub(obj: Any, secrets: Optional[list[str]] = None) -> Any:
+    """Copy of ``obj`` with every secret value from the environment replaced by ``***``."""
+    values = [os.environ[k] for k in (secrets or SECRET_ENV) if os.environ.get(k)]
+    if isinstance(obj, dict):
+        return {k: scrub(v, secrets) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [scrub(v, secrets) for v in obj]
+    if isinstance(obj, str):
+        for s in values:
+            obj = obj.replace(s, "***")
+    return obj

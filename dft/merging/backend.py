@@ -1,0 +1,298 @@
+"""Merge a fine-tuned model with its partner through mergekit's Python API.
+
+The partner (usually the instruct model) is mergekit's ``base_model``, so for SLERP ``t=0`` gives
+the partner's weights and ``t=1`` the fine-tuned model's, as in arXiv 2409.03444; for the task
+vector methods (task arithmetic, TIES, DARE-TIES) the fine-tuned model is the single donor whose
+delta from the partner is added back.
+
+mergekit is LGPL-3.0: dft only calls it (``run_merge`` + ``MergeOptions``), and imports it lazily
+because importing it takes seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional
+
+from dft import DftError
+
+#: Files that make a merged dir loadable with ``AutoTokenizer`` and generate like the partner.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+#: Config fields that must agree for two checkpoints to be merged tensor by tensor.
+SHAPE_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+)
+MERGEKIT_YAML = "mergekit.yaml"
+
+
+def _field(cfg: Any, key: str, default: Any = None) -> Any:
+    if isinstance(cfg, Mapping):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers -> plain Python (mergekit's pydantic models want lists and dicts)."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(value, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    return value
+
+
+def _ref(path: str) -> str:
+    """Absolute path for a local dir (so ``mergekit.yaml`` is self-contained); hub ids as given."""
+    p = Path(path).expanduser()
+    return str(p.resolve()) if p.exists() else str(path)
+
+
+def _load_config(path: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - re-raised as one line for the user
+        raise DftError(f"cannot read the model config of {path}: {e}") from e
+
+
+def check_compatible(model_path: str, partner_path: str) -> None:
+    """Refuse, from the configs alone (no tensor is read), a pair mergekit cannot merge.
+
+    Raises:
+        dft.DftError: architectures, layer shapes or vocabulary sizes differ.
+    """
+    a, b = _load_config(model_path), _load_config(partner_path)
+    arch_a, arch_b = list(a.architectures or []), list(b.architectures or [])
+    if arch_a != arch_b:
+        raise DftError(
+            f"cannot merge {model_path} ({'/'.join(arch_a) or '?'}) with {partner_path} "
+            f"({'/'.join(arch_b) or '?'}): architectures differ"
+        )
+    ta, tb = a.get_text_config(), b.get_text_config()
+    va, vb = getattr(ta, "vocab_size", None), getattr(tb, "vocab_size", None)
+    if va != vb:
+        raise DftError(
+            f"cannot merge {model_path} (vocab_size={va}) with {partner_path} (vocab_size={vb}): "
+            "vocabulary sizes differ"
+        )
+    for key in SHAPE_FIELDS:
+        xa, xb = getattr(ta, key, None), getattr(tb, key, None)
+        if xa != xb:
+            raise DftError(f"cannot merge {model_path} ({key}={xa}) with {partner_path} ({key}={xb}): {key} differs")
+
+
+def _check_params(method: str, params: Dict[str, Any]) -> None:
+    """mergekit silently ignores unknown parameter names; dft refuses them."""
+    from mergekit import merge_methods
+
+    try:
+        spec = merge_methods.get(method).spec
+    except Exception as e:  # noqa: BLE001
+        raise DftError(f"merge.method={method!r} is not a mergekit merge method: {e}") from e
+    known = {p.name for p in spec.parameters}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise DftError(
+            f"merge.params has {', '.join(unknown)}, which mergekit's {method!r} does not take "
+            f"(it takes {', '.join(sorted(known)) or 'none'})"
+        )
+
+
+def build_merge_config(merge_cfg: Any, model_path: str, partner_path: str):
+    """The mergekit ``MergeConfiguration`` for ``merge_cfg`` (a :class:`dft.config.MergeConfig`).
+
+    ``base_model`` is the partner; the fine-tuned model is the other input; ``merge_cfg.params``
+    becomes mergekit's top-level ``parameters`` unchanged (e.g. a ``t`` filter list for SLERP).
+    Validated by mergekit's pydantic model plus a check that every parameter name is known.
+    """
+    from mergekit.config import MergeConfiguration
+
+    method = _field(merge_cfg, "method", "none")
+    if method in (None, "none"):
+        raise DftError("merge.method='none': there is nothing to merge")
+    params = dict(_plain(_field(merge_cfg, "params", None)) or {})
+    _check_params(method, params)
+    partner, model = _ref(partner_path), _ref(model_path)
+    doc = {
+        "merge_method": method,
+        "base_model": partner,
+        "models": [{"model": partner}, {"model": model}],
+        "dtype": _field(merge_cfg, "dtype", "float32"),
+    }
+    if params:
+        doc["parameters"] = params
+    try:
+        return MergeConfiguration.model_validate(doc)
+    except Exception as e:  # noqa: BLE001 - pydantic's message, on one line
+        raise DftError(f"invalid mergekit config for merge.method={method!r}: {e}".replace("\n", " ")) from e
+
+
+def _complete(out_dir: Path) -> bool:
+    return (out_dir / MERGEKIT_YAML).is_file() and (out_dir / "config.json").is_file() and any(
+        out_dir.glob("*.safetensors")
+    )
+
+
+def _copy_tokenizer(source: str, dest: Path) -> None:
+    src = Path(source).expanduser()
+    if src.is_dir() and (src / "tokenizer_config.json").is_file():
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, dest / name)
+        return
+    from transformers import AutoTokenizer  # a hub id, or a dir with an unusual tokenizer layout
+
+    AutoTokenizer.from_pretrained(source).save_pretrained(str(dest))
+
+
+def _respect_umask(folder: Path) -> None:
+    """safetensors writes its files 0600; give the merged files the permissions of the umask
+    (collaborators on a shared cluster must be able to read the merged model)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in folder.iterdir():
+        if f.is_file():
+            f.chmod(0o666 & ~umask)
+
+
+class _PreservedRng:
+    """run_merge seeds Python/NumPy/torch globally (for DARE); give the caller its RNG back."""
+
+    def __enter__(self):
+        import numpy as np
+        import torch
+
+        self.state = (random.getstate(), np.random.get_state(), torch.random.get_rng_state())
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        return self
+
+    def __exit__(self, *exc):
+        import numpy as np
+        import torch
+
+        random.setstate(self.state[0])
+        np.random.set_state(self.state[1])
+        torch.random.set_rng_state(self.state[2])
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+
+def merge_models(
+    merge_cfg: Any,
+    model_path: str,
+    partner_path: str,
+    out_dir: str,
+    *,
+    tokenizer_source: Optional[str] = None,
+    seed: int = 0,
+    force: bool = False,
+    options: Optional[Mapping[str, Any]] = None,
+) -> Dict[str, Any]:
+    """Merge the fine-tuned ``model_path`` with ``partner_path`` into ``out_dir`` with mergekit.
+
+    Args:
+        merge_cfg: a :class:`dft.config.MergeConfig` (or a mapping with its keys).
+        model_path: the fine-tuned model (HF dir or hub id).
+        partner_path: the partner, mergekit's ``base_model`` (``t=0`` for SLERP).
+        out_dir: destination; written atomically (``<out_dir>.tmp-<pid>``, then renamed) and left
+            alone if it already holds a complete merge (unless ``force``).
+        tokenizer_source: whose tokenizer files to copy (default: the partner's).
+        seed: mergekit's random seed (only DARE samples); the caller's RNG state is restored.
+        force: merge again even if ``out_dir`` is complete.
+        options: ``mergekit.options.MergeOptions`` fields overriding dft's defaults (CPU math,
+            lazy loading, low memory, quiet), e.g. ``{"cuda": True}`` on a GPU node.
+
+    Returns:
+        ``{"method", "config_yaml", "seconds", "out_dir", "skipped"}``.
+
+    Raises:
+        dft.DftError: incompatible models (checked from the configs, before any tensor is read),
+            an unknown method or parameter, or an ``out_dir`` holding a different merge.
+    """
+    out = Path(out_dir)
+    method = _field(merge_cfg, "method", "none")
+    config = build_merge_config(merge_cfg, model_path, partner_path)
+    yaml_text = config.to_yaml() + "\n"
+    info = {"method": method, "config_yaml": yaml_text, "seconds": 0.0, "out_dir": str(out), "skipped": False}
+    if _complete(out) and not force:
+        existing = (out / MERGEKIT_YAML).read_text()
+        if existing != yaml_text:
+            raise DftError(f"{out} already holds a different merge (its {MERGEKIT_YAML} differs); remove it or force")
+        return {**info, "skipped": True}
+    check_compatible(model_path, partner_path)
+
+    from mergekit.merge import MergeOptions, run_merge
+
+    opts = dict(
+        cuda=False,
+        device="cpu",
+        lazy_unpickle=True,
+        low_cpu_memory=True,
+        random_seed=seed,
+        quiet=True,
+    )
+    opts.update(_plain(options) or {})
+    if opts.get("cuda") and opts.get("device") == "cpu":
+        del opts["device"]  # let MergeOptions derive it from cuda=True
+    # dft copies the chosen tokenizer itself and writes mergekit.yaml (not README.md + mergekit_config.yml)
+    opts.update(copy_tokenizer=False, write_model_card=False)
+    try:
+        merge_options = MergeOptions(**opts)
+    except Exception as e:  # noqa: BLE001
+        raise DftError(f"invalid mergekit options {sorted(_plain(options) or {})}: {e}".replace("\n", " ")) from e
+    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    try:
+        with _PreservedRng():
+            run_merge(config, str(tmp), merge_options, config_source=yaml_text)
+        (tmp / MERGEKIT_YAML).write_text(yaml_text)
+        _copy_tokenizer(tokenizer_source or partner_path, tmp)
+        _respect_umask(tmp)
+        if out.exists() and force:
+            shutil.rmtree(out)
+        try:
+            os.rename(tmp, out)
+        except OSError as e:
+            if not _complete(out):  # not a concurrent writer finishing first: a real problem
+                raise DftError(f"cannot move the merge into {out}: {e} (remove {out} if it is a leftover)") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    info["seconds"] = time.perf_counter() - start
+    return info
+
+
+def read_merge_yaml(out_dir: str) -> Dict[str, Any]:
+    """The mergekit config a merged dir was made with, as a dict."""
+    import yaml
+
+    return yaml.safe_load((Path(out_dir) / MERGEKIT_YAML).read_text())
+
+
+__all__ = ["build_merge_config", "check_compatible", "merge_models", "read_merge_yaml"]
+

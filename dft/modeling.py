@@ -159,6 +159,12 @@ def resolve_model_path(model_cfg: Any, cache_dir: str | os.PathLike, *, which: s
         key = "model.path"
         if path is None and model_cfg.embedded:
             return ensure_embedded_model(cache_dir)
+        if path is None:
+            from dft.families import ensure_tiny_model, tiny_family
+
+            family = tiny_family(hub_id)
+            if family is not None:  # model=tiny*: random weights built on demand, for tests
+                return ensure_tiny_model(cache_dir, family)
     if path is not None:
         p = Path(path).expanduser()
         if not (p / "config.json").exists():

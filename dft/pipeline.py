@@ -1,0 +1,459 @@
+"""One cell of the grid, top to bottom: data -> stages -> merges -> evaluation -> summary.
+
+:func:`run_cell` is what ``python -m dft.train`` calls for each Hydra job. It reads as the data
+path of DESIGN.md §3:
+
+1. check the config and every input (data splits, model weights) before any model loads;
+2. write ``config.yaml`` and ``meta.json`` in the cell's run directory;
+3. for each stage of the chain: reuse it from the stage cache or train it (TRL; resume from the
+   last checkpoint), link it as ``stages/<artefact>``;
+4. merge with the partner model if asked (mergekit), after every stage or at the end;
+5. evaluate every artefact (cached by artefact and eval config), compute merge synergy;
+6. write ``summary.json``, finish the W&B run, print a table, return the objective.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from dft import DftError
+from dft.config import STAGE_SPLIT, validate
+from dft.runs import StageCache, canonical_hash, file_digest, link, meta, read_json, write_json
+
+log = logging.getLogger("dft")
+
+#: fields of model config that change how a stage trains (part of every lineage)
+MODEL_LINEAGE_KEYS = ("pad_token", "eos_tokens", "chat_template", "system_policy", "max_length", "dtype")
+
+
+@dataclass
+class Artefact:
+    """A model the cell produced or started from, and its evaluation metrics."""
+
+    name: str
+    kind: str  # start | stage | merge | partner
+    path: Path
+    key: str  # cache key (lineage hash)
+    stages: list[str] = field(default_factory=list)
+    merge: Optional[str] = None
+    parents: list[str] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+
+    def record(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "stages": self.stages, "merge": self.merge,
+                "parents": self.parents, "path": str(self.path), "key": self.key, "metrics": self.metrics}
+
+
+def _container(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def model_identity(model_cfg: Any, path: Path) -> dict:
+    """What identifies starting weights in a lineage: the config's source plus the files' sizes."""
+    files = {p.name: p.stat().st_size for p in sorted(path.glob("*.safetensors"))}
+    return {"hub_id": model_cfg.hub_id, "path": str(path) if model_cfg.path else None,
+            "embedded": model_cfg.embedded, "weights": files}
+
+
+def cell_objective(artefacts: list[Artefact], benchmarks: list[str]) -> Optional[float]:
+    """The number a sweeper optimises: mean ``acc_ll`` over benchmarks of the cell's last artefact."""
+    if not artefacts or not benchmarks:
+        return None
+    m = artefacts[-1].metrics
+    vals = [m.get(f"{b}/acc_ll") for b in benchmarks if m.get(f"{b}/acc_ll") is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+class Cell:
+    """State of one running cell; see the module docstring for the order of work."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, cell: str):
+        from dft.modeling import resolve_device
+
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.cell = cell
+        self.device = resolve_device(cfg.device)
+        self.cache = StageCache(cfg.paths.stages)
+        self.tracker = None
+        self.train_facts: dict[str, dict] = {}
+        self.artefacts: list[Artefact] = []
+        self._tok = None
+
+    # ------------------------------------------------------------------ checks before work
+    def check_inputs(self) -> dict[str, list[dict]]:
+        """Load and validate every split the chain needs (fails before any model loads)."""
+        from dft.data import load_benchmark, load_split, require_split
+
+        cfg = self.cfg
+        rows: dict[str, list[dict]] = {}
+        for stage in cfg.strategy.chain:
+            split = STAGE_SPLIT[stage]
+            require_split(cfg.data, split, stage)
+            if split not in rows:
+                rows[split] = load_split(cfg.data, split)
+        self.benchmarks = {b: load_benchmark(cfg.data, b)[: cfg.eval.max_items or None] for b in cfg.eval.benchmarks}
+        self.heldout = None
+        if cfg.eval.perplexity:
+            if cfg.data.heldout_text is None:
+                raise DftError(f"eval.perplexity is on but domain {cfg.data.name!r} has no data.heldout_text "
+                               "(set data.heldout_text=<file> or eval.perplexity=false)")
+            self.heldout = [r["text"] for r in load_split(cfg.data, "heldout_text")]
+        return rows
+
+    def data_identity(self, split: str) -> dict:
+        path = self.cfg.data[split]
+        from dft.data import resolve_path
+
+        p = resolve_path(path)
+        return {"split": split, "file": Path(p).name, "sha256": file_digest(p)}
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, art: Artefact) -> dict:
+        """Evaluate ``art`` (cached per artefact key and eval config); copy results to ``eval/<name>/``."""
+        cfg = self.cfg
+        ev = _container(cfg.eval)
+        if not cfg.eval.benchmarks and not cfg.eval.perplexity and not cfg.eval.chat:
+            return {}
+        eval_key = canonical_hash({"artefact": art.key, "eval": {k: v for k, v in ev.items() if k != "name"},
+                                   "benchmarks": {b: self.data_identity_eval(b) for b in cfg.eval.benchmarks},
+                                   "heldout": self.data_identity("heldout_text") if cfg.eval.perplexity else None})
+        cache_dir = self.cache.root / "_eval" / eval_key
+        out_dir = self.run_dir / "eval" / art.name
+        done = read_json(cache_dir / "metrics.json")
+        if done is None or cfg.force:
+            with self.cache.lock(f"_eval-{eval_key}"):
+                done = None if cfg.force else read_json(cache_dir / "metrics.json")
+                if done is None:
+                    done = self._evaluate_uncached(art, cache_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for f in cache_dir.glob("*.json"):
+            if f.name != "metrics.json":
+                shutil.copyfile(f, out_dir / f.name)
+        art.metrics = done
+        if self.tracker:
+            self.tracker.log({f"eval/{art.name}/{k}": v for k, v in done.items()})
+            for f in sorted(out_dir.glob("*.json")):
+                rec = read_json(f)
+                if isinstance(rec, dict) and rec.get("items"):
+                    self.tracker.table(f"eval_items/{art.name}/{f.stem}", [
+                        {k: it.get(k) for k in ("id", "category", "answer", "pred", "pred_ll", "correct", "correct_ll", "output")}
+                        for it in rec["items"]])
+        return done
+
+    def data_identity_eval(self, bench: str) -> dict:
+        from dft.data import resolve_path
+
+        p = resolve_path(self.cfg.data.eval[bench])
+        return {"file": Path(p).name, "sha256": file_digest(p)}
+
+    def _evaluate_uncached(self, art: Artefact, cache_dir: Path) -> dict:
+        from dft.evaluation.mcq import evaluate_mcq
+        from dft.evaluation.perplexity import perplexity
+        from dft.modeling import generation_eos_ids, load_model, load_tokenizer
+
+        cfg = self.cfg
+        t0 = time.time()
+        tok = load_tokenizer(art.path, cfg.model)
+        model = load_model(art.path, cfg.model, device=self.device)
+        metrics: dict[str, float] = {}
+        tmp = cache_dir.with_name(cache_dir.name + f".tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for bench, items in self.benchmarks.items():
+            tok.padding_side = "left"
+            rec = evaluate_mcq(model, tok, cfg.model, items, eos_ids=generation_eos_ids(tok, cfg.model),
+                               generate=cfg.eval.generate, loglik=cfg.eval.loglik,
+                               max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
+            rec = {"benchmark": bench, "artefact": art.name, **rec}
+            write_json(tmp / f"{bench}.json", rec)
+            for k in ("acc", "acc_ll"):
+                if rec[k] is not None:
+                    metrics[f"{bench}/{k}"] = rec[k]
+        if self.heldout is not None:
+            ppl = perplexity(model, tok, self.heldout, block=cfg.eval.ppl_block, max_tokens=cfg.eval.ppl_max_tokens,
+                             batch_size=max(1, cfg.eval.batch_size // 4))
+            write_json(tmp / "perplexity.json", {"artefact": art.name, **ppl})
+            metrics["ppl"] = ppl["ppl"]
+        if cfg.eval.chat:
+            from dft.evaluation.chat import run_chat
+
+            chat_cfg = _container(cfg.eval.chat)
+            chat = run_chat(model, tok, cfg.model, chat_cfg, tmp, art.name)
+            judge_cfg = chat_cfg.get("judge") or {}
+            if judge_cfg.get("backend", "none") != "none":
+                from dft.evaluation.judge import judge_transcripts
+
+                judge_transcripts(chat, judge_cfg, out_dir=tmp, artefact=art.name)
+        write_json(tmp / "metrics.json", metrics)
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        os.replace(tmp, cache_dir)
+        log.info("evaluated %s in %.0f s: %s", art.name, time.time() - t0,
+                 ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        del model
+        return metrics
+
+    # ------------------------------------------------------------------ stages
+    def train_or_reuse(self, stage: str, parent: Artefact, rows: list[dict], lineage: dict) -> Artefact:
+        """The artefact of ``stage`` on top of ``parent``: from the cache, or trained now."""
+        from dft.stages import train_stage
+
+        cfg = self.cfg
+        key = canonical_hash(lineage)
+        name = f"{parent.name}_{stage}" if parent.kind != "start" else stage
+        final = self.cache.entry(key) / "final"
+        if self.cache.is_complete(key) and not cfg.force:
+            self.cache.stats["reused"] += 1
+            log.info("stage %s: reusing %s", name, self.cache.entry(key))
+            facts = self.cache.manifest(key).get("train", {})
+            self.train_facts[name] = {**facts, "cached": True}
+        else:
+            with self.cache.lock(key):
+                if self.cache.is_complete(key) and not cfg.force:
+                    self.cache.stats["reused"] += 1
+                    facts = self.cache.manifest(key).get("train", {})
+                    self.train_facts[name] = {**facts, "cached": True}
+                    log.info("stage %s: another cell trained it meanwhile; reusing", name)
+                else:
+                    entry = self.cache.prepare(key)
+                    write_json(entry / "lineage.json", lineage)
+                    sc = cfg.strategy[stage]
+                    use = rows[: sc.max_samples] if sc.max_samples else rows
+                    log.info("stage %s: training %s on %d rows -> %s", name, stage.upper(), len(use), entry)
+                    facts = train_stage(kind=stage, stage_cfg=sc, rows=use, start_path=parent.path, model_cfg=cfg.model,
+                                        peft_cfg=cfg.peft, work_dir=entry / "work", out_dir=final, device=self.device,
+                                        report_to=self.tracker.report_to if self.tracker else "none", seed=cfg.seed)
+                    self.cache.commit(key, {"lineage": lineage, "train": facts, "artefact": name})
+                    self.cache.stats["trained"] += 1
+                    self.train_facts[name] = {**facts, "cached": False}
+        link(self.cache.entry(key), self.run_dir / "stages" / name)
+        chain = parent.stages + [stage]
+        return Artefact(name=name, kind="stage", path=final, key=key, stages=chain)
+
+    def merge(self, art: Artefact, partner: Artefact) -> Artefact:
+        """Merge ``art`` with ``partner`` (mergekit, cached by lineage) and link it as ``merged/<name>``."""
+        from dft.merging import kinship, merge_models
+
+        cfg = self.cfg
+        mcfg = _container(cfg.merge)
+        lineage = {"model": art.key, "partner": partner.key, "merge": {k: v for k, v in mcfg.items() if k != "at"}}
+        key = canonical_hash(lineage)
+        name = f"{art.name}+{cfg.merge.method}"
+        final = self.cache.entry(key) / "final"
+        with self.cache.lock(key):
+            if not self.cache.is_complete(key) or cfg.force:
+                entry = self.cache.prepare(key)
+                info = merge_models(cfg.merge, art.path, partner.path, final)
+                extra = {}
+                if cfg.merge.kinship and partner.key != self.start.key:
+                    extra["kinship"] = kinship(self.start.path, art.path, partner.path)
+                self.cache.commit(key, {"lineage": lineage, "merge": info, **extra, "artefact": name})
+                self.cache.stats["trained"] += 1
+                write_json(entry / "lineage.json", lineage)
+            else:
+                self.cache.stats["reused"] += 1
+        link(self.cache.entry(key), self.run_dir / "merged" / name)
+        man = self.cache.manifest(key) or {}
+        merged = Artefact(name=name, kind="merge", path=final, key=key, stages=art.stages, merge=cfg.merge.method,
+                          parents=[art.name, partner.name])
+        merged.kinship = man.get("kinship")  # type: ignore[attr-defined]
+        return merged
+
+    # ------------------------------------------------------------------ the cell
+    def run(self) -> Optional[float]:
+        from dft.modeling import resolve_model_path
+        from dft.tracking import Tracker, scrub
+
+        cfg = self.cfg
+        summary_path = self.run_dir / "summary.json"
+        old = read_json(summary_path)
+        if old and old.get("status") == "finished" and not cfg.force:
+            log.info("cell %s already finished (%s); force=true recomputes it", self.cell, summary_path)
+            print_table(old)
+            return old.get("objective")
+
+        validate(cfg)
+        rows = self.check_inputs()
+        start_path = resolve_model_path(cfg.model, cfg.paths.cache)
+        merging = cfg.merge.method != "none"
+        partner_path = resolve_model_path(cfg.model, cfg.paths.cache, which="partner") if merging else None
+        if cfg.dry_run:
+            self.print_plan(rows)
+            return None
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        resolved = scrub(OmegaConf.to_container(cfg, resolve=True))
+        (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
+        write_json(self.run_dir / "meta.json", meta(Path(cfg.paths.root), {
+            "experiment": cfg.experiment, "cell": self.cell, "device": self.device,
+            "start_model": str(start_path), "partner_model": str(partner_path) if partner_path else None}))
+        tags = [f"model:{cfg.model.name}", f"family:{cfg.model.family}", f"start:{cfg.model.start}",
+                f"strategy:{cfg.strategy.name}", f"merge:{cfg.merge.method}", f"peft:{cfg.peft.method}"]
+        try:
+            from dft.distributed import is_rank0
+        except ImportError:  # pragma: no cover - dft.distributed ships with dft
+            def is_rank0() -> bool:
+                return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+
+        self.tracker = Tracker(cfg.logger, run_dir=self.run_dir, experiment=cfg.experiment, cell=self.cell,
+                               name=f"{cfg.model.name}|{cfg.strategy.name}|{cfg.merge.method}", job_type=cfg.strategy.name,
+                               tags=tags, config=resolved, enabled=is_rank0())
+        ok = False
+        try:
+            self.print_start(start_path)
+            start_id = model_identity(cfg.model, start_path)
+            self.start = Artefact(name="start", kind="start", path=start_path, key=canonical_hash({"start": start_id}))
+            self.evaluate(self.start)
+            self.artefacts.append(self.start)
+            partner = None
+            if merging:
+                pid = model_identity(cfg.model, partner_path) if partner_path != start_path else start_id
+                pkey = canonical_hash({"start": pid})
+                if pkey == self.start.key:
+                    partner = self.start
+                else:
+                    partner = Artefact(name="partner", kind="partner", path=partner_path, key=pkey)
+                    self.evaluate(partner)
+                    self.artefacts.append(partner)
+            parent = self.start
+            lineage: dict[str, Any] = {"start": start_id,
+                                       "model": {k: _container(cfg.model[k]) for k in MODEL_LINEAGE_KEYS},
+                                       "seed": cfg.seed, "stages": []}
+            merges = []
+            for i, stage in enumerate(cfg.strategy.chain):
+                lineage = {**lineage, "stages": lineage["stages"] + [{
+                    "kind": stage, "config": _container(cfg.strategy[stage]), "peft": _container(cfg.peft),
+                    "data": self.data_identity(STAGE_SPLIT[stage])}]}
+                art = self.train_or_reuse(stage, parent, rows[STAGE_SPLIT[stage]], lineage)
+                last = i == len(cfg.strategy.chain) - 1
+                if cfg.eval.stages or last:
+                    self.evaluate(art)
+                self.artefacts.append(art)
+                if partner is not None and (cfg.merge.at == "each" or last):
+                    m = self.merge(art, partner)
+                    self.evaluate(m)
+                    self.artefacts.append(m)
+                    merges.append(m)
+                parent = art
+            if merging and not cfg.strategy.chain:
+                log.warning("merge.method=%s with strategy=none: nothing was trained, so nothing is merged",
+                            cfg.merge.method)
+            summary = self.summary(merges, partner)
+            write_json(summary_path, summary)
+            if self.tracker:
+                self.tracker.summary(summary["metrics"])
+                if summary["synergy"]:
+                    self.tracker.table("synergy", summary["synergy"])
+            print_table(summary)
+            ok = True
+            return summary["objective"]
+        finally:
+            if self.tracker:
+                self.tracker.finish(exit_code=0 if ok else 1)
+
+    def summary(self, merges: list[Artefact], partner: Optional[Artefact]) -> dict:
+        from dft.merging import synergy
+
+        cfg = self.cfg
+        metrics = {f"eval/{a.name}/{k}": v for a in self.artefacts for k, v in a.metrics.items()}
+        syn = []
+        by_name = {a.name: a for a in self.artefacts}
+        for m in merges:
+            p1, p2 = by_name[m.parents[0]], partner
+            for metric, v in m.metrics.items():
+                if metric == "ppl" or metric not in p1.metrics or metric not in p2.metrics:
+                    continue
+                row = {"merged": m.name, "parent_1": p1.name, "parent_2": p2.name, "metric": metric,
+                       **synergy(p1.metrics[metric], p2.metrics[metric], v)}
+                syn.append(row)
+                for k in ("expected", "deviation", "improvement", "diversity"):
+                    metrics[f"synergy/{m.name}/{metric}/{k}"] = row[k]
+        train = {}
+        for name, f in self.train_facts.items():
+            train[name] = {k: f.get(k) for k in ("train_loss", "runtime_s", "steps", "rows", "trainable_params",
+                                                 "total_params", "cached", "log_history")}
+        return {
+            "experiment": cfg.experiment, "cell": self.cell, "model": cfg.model.name, "family": cfg.model.family,
+            "start": cfg.model.start, "strategy": cfg.strategy.name, "chain": list(cfg.strategy.chain),
+            "merge": cfg.merge.method, "merge_at": cfg.merge.at, "peft": cfg.peft.method, "data": cfg.data.name,
+            "eval": cfg.eval.name, "seed": cfg.seed, "status": "finished", "device": self.device,
+            "artefacts": [a.record() for a in self.artefacts],
+            "train": train, "synergy": syn,
+            "kinship": {m.name: getattr(m, "kinship", None) for m in merges if getattr(m, "kinship", None)},
+            "metrics": metrics,
+            "objective": cell_objective(self.artefacts, list(cfg.eval.benchmarks)),
+            "cache": dict(self.cache.stats),
+            "finished_at": time.time(),
+        }
+
+    # ------------------------------------------------------------------ printing
+    def print_start(self, start_path: Path) -> None:
+        cfg = self.cfg
+        lines = [f"dft cell {cfg.experiment}/{self.cell}: model={cfg.model.name} strategy={cfg.strategy.name} "
+                 f"({' -> '.join(cfg.strategy.chain) or 'no training'}) merge={cfg.merge.method} peft={cfg.peft.method} "
+                 f"device={self.device}",
+                 f"  run dir {self.run_dir}", f"  weights {start_path}"]
+        for stage in cfg.strategy.chain:
+            t = cfg.strategy[stage].trainer
+            bs = t.get("per_device_train_batch_size", 8) * t.get("gradient_accumulation_steps", 1)
+            L = t.get("max_length", cfg.model.max_length)
+            lines.append(f"  {stage}: effective batch {bs} x {L} tokens, max_steps {t.get('max_steps', -1)}, "
+                         f"lr {t.get('learning_rate')}")
+        if self.device == "cpu":
+            lines.append("  no CUDA device: bf16 and gradient checkpointing are off (they fail or run ~13x slower on CPU)")
+        try:
+            from dft.memory import describe
+
+            from transformers import AutoConfig
+
+            lines.append("  " + describe(cfg.model, cfg.peft, _container(cfg.strategy[cfg.strategy.chain[0]].trainer)
+                                         if cfg.strategy.chain else {}, AutoConfig.from_pretrained(start_path)))
+        except Exception as e:  # noqa: BLE001 - the estimate is informative only
+            log.debug("memory estimate unavailable: %s", e)
+        for ln in lines:
+            log.info(ln)
+
+    def print_plan(self, rows: dict) -> None:
+        cfg = self.cfg
+        log.info("dry run: cell %s/%s, chain %s, merge %s; data rows %s; benchmarks %s", cfg.experiment, self.cell,
+                 list(cfg.strategy.chain), cfg.merge.method, {k: len(v) for k, v in rows.items()},
+                 {b: len(v) for b, v in self.benchmarks.items()})
+        for stage in cfg.strategy.chain:
+            from dft.stages import build_trl_config
+
+            build_trl_config(stage, _container(cfg.strategy[stage].trainer), output_dir=str(self.run_dir / "dry"),
+                             device=self.device, peft_cfg=cfg.peft, model_cfg=cfg.model, report_to="none", seed=cfg.seed)
+        log.info("dry run: every TRL config builds")
+
+
+def print_table(summary: dict) -> None:
+    """Print one row per artefact with its metrics (accuracy in %, perplexity)."""
+    arts = summary.get("artefacts", [])
+    keys = sorted({k for a in arts for k in a["metrics"]}, key=lambda k: (k == "ppl", k))
+    if not keys:
+        return
+    w = max([len(a["name"]) for a in arts] + [8])
+    head = f"{'artefact':<{w}}  " + "  ".join(f"{k:>18}" for k in keys)
+    print("\n" + head + "\n" + "-" * len(head))
+    for a in arts:
+        cells = []
+        for k in keys:
+            v = a["metrics"].get(k)
+            cells.append(f"{'':>18}" if v is None else (f"{v:>18.3f}" if k == "ppl" else f"{100 * v:>17.1f}%"))
+        print(f"{a['name']:<{w}}  " + "  ".join(cells))
+    print(f"(acc: greedy answer, exact-match letter; acc_ll: log-likelihood over option letters; ppl: held-out "
+          f"perplexity, nats->exp, per token)\nsummary: {summary.get('cell')}\n")
+
+
+def run_cell(cfg: DictConfig, run_dir: Path, cell: str) -> Optional[float]:
+    """Run one cell (see :class:`Cell`); a :class:`dft.DftError` propagates for a one-line message."""
+    return Cell(cfg, run_dir, cell).run()
+

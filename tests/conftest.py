@@ -1,0 +1,65 @@
+"""Shared fixtures: offline environment, the embedded and tiny models, running ``dft.train``.
+
+Models are cached under ``$DFT_CACHE`` (default ``~/.cache/dft``), so the embedded GGUF is
+converted once per machine, not once per test session.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+CACHE = Path(os.environ.get("DFT_CACHE", Path.home() / ".cache" / "dft")).expanduser()
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    return CACHE
+
+
+@pytest.fixture(scope="session")
+def embedded_model(cache_dir) -> Path:
+    from dft.modeling import ensure_embedded_model
+
+    return ensure_embedded_model(cache_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(cache_dir) -> Path:
+    from dft.families import ensure_tiny_model
+
+    return ensure_tiny_model(cache_dir, "smollm2")
+
+
+def run_train(args: list[str], runs_dir: Path, *, timeout: float = 900, env: dict | None = None,
+              check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``python -m dft.train *args`` with ``DFT_RUNS=runs_dir``; return the finished process."""
+    e = dict(os.environ, DFT_RUNS=str(runs_dir), DFT_CACHE=str(CACHE), HYDRA_FULL_ERROR="1")
+    e.update(env or {})
+    p = subprocess.run([sys.executable, "-m", "dft.train", *args], cwd=ROOT, env=e, capture_output=True,
+                       text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"dft.train {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    return p
+
+
+def compose(overrides: list[str] | None = None):
+    """Compose ``conf/train.yaml`` with Hydra's compose API (no run); the resolvers of dft.train apply."""
+    import dft.train  # noqa: F401  registers the schema and resolvers
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=list(overrides or []))

@@ -340,7 +340,7 @@ def test_openai_generator_retries_timeouts_errors_and_cache(stub, api_key, tmp_p
 
 
 # ----------------------------------------------------------------------------- builds against the stub
-def test_build_with_stub_endpoint(corpus, bench_file, stub, api_key, tmp_path):
+def test_build_with_stub_endpoint(corpus, bench_file, stub, api_key, tmp_path, monkeypatch):
     from dft.data import load_split
     from dft.databuild import build
 
@@ -396,9 +396,11 @@ def test_build_with_stub_endpoint(corpus, bench_file, stub, api_key, tmp_path):
     saved = json.loads((out / "build_report.json").read_text())
     assert saved["rows"] == report["rows"] and saved["rejects"] == report["rejects"]
 
-    # a second build makes no calls: every reply is a cache hit, and the rows are the same
+    # a second build makes no calls: every reply is a cache hit, and the rows are the same (also when the
+    # chunks are generated from in windows of 2 instead of 256)
     before = {s: (out / f"{s}.jsonl").read_bytes() for s in ("text", "messages", "preference")}
     posts = stub.posts
+    monkeypatch.setattr("dft.databuild.pipeline.WINDOW", 2)
     again = build(compose(ov))
     assert stub.posts == posts and again["generator"]["calls"] == 0
     assert again["generator"]["cache_hits"] == g["requests"]
@@ -487,3 +489,30 @@ def test_build_with_the_embedded_model(corpus, tmp_path):
             assert len(load_split(dc, split)) == report["rows"][split]
         else:
             assert dc[split] is None
+
+
+# ----------------------------------------------------------------------------- the built domain trains
+@pytest.mark.skipif(not (ROOT / "dft" / "train.py").exists(), reason="dft.train is not there yet")
+@pytest.mark.skipif(not (ROOT / "conf" / "launcher" / "local.yaml").exists(),
+                    reason="conf/launcher/local.yaml (the default of conf/train.yaml) is not there yet")
+def test_train_accepts_a_built_domain(corpus, stub, api_key, tmp_path):
+    """``python -m dft.train data=<built>`` uses the domain at once: 2 SFT steps on the tiny model."""
+    from dft.databuild import build
+
+    stub.reset()
+    confroot = tmp_path / "confroot"
+    ov = base_overrides(corpus, tmp_path, "silk_built", tmp_path / "cache", **stub_overrides(stub),
+                        data_conf_dir=confroot / "data")
+    report = build(compose(ov))
+    assert report["rows"]["messages"] > 0
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.run(
+        [PY, "-m", "dft.train", "data=silk_built", "strategy=sft", "model=tiny", "merge=none", "eval=none",
+         "logger=none", "strategy.sft.trainer.max_steps=2", f"paths.runs={tmp_path / 'runs'}",
+         f"hydra.searchpath=[file://{confroot}]"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summaries = list((tmp_path / "runs").rglob("summary.json"))
+    assert summaries, proc.stderr[-2000:]
+    summary = json.loads(summaries[0].read_text())
+    assert summary["status"] == "finished" and summary["chain"] == ["sft"]

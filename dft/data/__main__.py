@@ -27,6 +27,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command {cmd!r}; expected one of {', '.join(COMMANDS)} (python -m dft.data --help)",
               file=sys.stderr)
         return 2
+    if not any(a.startswith("-") for a in rest):  # not --help / --cfg / -m: the two required keys must be there
+        missing = [k for k in ("source", "name") if not any(a.split("=", 1)[0].lstrip("+~") == k for a in rest)]
+        if missing:
+            print(f"error: build needs {' and '.join(f'{k}=...' for k in missing)} "
+                  "(e.g. python -m dft.data build source=papers/ name=silk)", file=sys.stderr)
+            return 2
     # Hydra reads its overrides from sys.argv; the program name it prints in --help is argv[0].
     sys.argv = ["python -m dft.data build"] + rest
     from dft.databuild.cli import main as build_main

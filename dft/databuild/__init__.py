@@ -8,4 +8,6 @@ evaluation-contamination guard. Config: ``conf/databuild/build.yaml`` (schema :m
 pipeline: :mod:`dft.databuild.pipeline`.
 """
 
-from dft.databuild.pipeline import build, format_report  # noqa: F401
+from dft.databuild.pipeline import build, format_report
+
+__all__ = ["build", "format_report"]

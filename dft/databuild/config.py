@@ -33,7 +33,7 @@ class GeneratorConfig:
     device: str = "auto"  #: local: ``auto`` | ``cpu`` | ``cuda``
     batch_size: int = 8  #: local: prompts per ``generate`` call
     max_new_tokens: int = 512
-    temperature: float = 0.0  #: local generation is always greedy; sent as is to an endpoint
+    temperature: Optional[float] = 0.0  #: local generation is always greedy; null: not sent to the endpoint
     base_url: Optional[str] = None  #: openai: e.g. ``https://api.openai.com/v1``
     api_key_env: Optional[str] = "OPENAI_API_KEY"  #: openai: env var holding the key (null: no key)
     max_tokens_field: str = "max_tokens"  #: openai: ``max_tokens`` or ``max_completion_tokens``
@@ -125,7 +125,13 @@ def register_configs() -> None:
 
 def validate(cfg: Any) -> None:
     """Check what the schema cannot type; raise :class:`dft.DftError` naming the key."""
+    from omegaconf import OmegaConf
+
     from dft import DftError
+
+    for key in ("name", "source"):
+        if OmegaConf.is_missing(cfg, key):
+            raise DftError(f"{key}= is required (e.g. python -m dft.data build source=papers/ name=silk)")
 
     def choice(key: str, value: Any, allowed) -> None:
         if value not in allowed:

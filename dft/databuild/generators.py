@@ -102,8 +102,9 @@ class Generator:
         """Answer every (key, messages) of ``todo``, calling ``done(key, completion)`` as each arrives."""
         raise NotImplementedError
 
-    def run(self, requests: list[Messages], desc: str = "generate", progress: bool = True) -> list[Completion]:
-        """Replies to ``requests``, in order; cached ones without a call."""
+    def run(self, requests: list[Messages], desc: str = "generate", progress: bool = True, bar=None) -> list[Completion]:
+        """Replies to ``requests``, in order; cached ones without a call. ``bar``: a tqdm bar to advance
+        (one step per request) instead of a bar of its own."""
         from tqdm.auto import tqdm
 
         params = self.params()
@@ -120,7 +121,10 @@ class Generator:
                 todo[k] = m
         self.stats["requests"] += len(requests)
         self.stats["cache_hits"] += len(results)
-        bar = tqdm(total=len(results) + len(todo), initial=len(results), desc=desc, unit="call", disable=not progress)
+        own_bar = bar is None
+        if own_bar:
+            bar = tqdm(total=len(requests), desc=desc, unit="call", disable=not progress)
+        bar.update(len(requests) - len(todo))  # cache hits and repeated requests
         t0 = time.time()
 
         def done(key: str, c: Completion) -> None:
@@ -139,7 +143,8 @@ class Generator:
             if todo:
                 self._complete(list(todo.items()), done, progress)
         finally:
-            bar.close()
+            if own_bar:
+                bar.close()
             self.stats["seconds"] += time.time() - t0
         # Identical requests share one reply (only the first copy was looked up or sent).
         return [results[k] for k in keys]
@@ -271,8 +276,9 @@ class OpenAIGenerator(Generator):
         return key
 
     def _body(self, messages: Messages) -> dict:
-        body = {"model": self.cfg.model, "messages": messages, self.cfg.max_tokens_field: self.cfg.max_new_tokens,
-                "temperature": self.cfg.temperature}
+        body = {"model": self.cfg.model, "messages": messages, self.cfg.max_tokens_field: self.cfg.max_new_tokens}
+        if self.cfg.temperature is not None:  # some reasoning models reject the parameter
+            body["temperature"] = self.cfg.temperature
         if self.cfg.json_mode:
             body["response_format"] = {"type": "json_object"}
         body.update(dict(self.cfg.extra))

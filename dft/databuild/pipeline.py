@@ -17,7 +17,6 @@ Generation is deterministic given the cache: rows come out in chunk order howeve
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -37,6 +36,8 @@ log = logging.getLogger(__name__)
 
 MARKER = "# Written by `python -m dft.data build`"
 TASKS = ("qa", "facts", "summary")
+#: Chunks per generation round: bounds the requests held in memory (rows are the same for any value).
+WINDOW = 256
 
 
 def render(template: str, **values: Any) -> str:
@@ -161,76 +162,26 @@ class Build:
         log.info("%d chunks (%d held out, %d duplicates, %d eval overlaps); generating from %d",
                  len(chunks), len(held_chunks), n_dup, n_overlap, len(gen_chunks))
 
-        # 3. Q&A pairs, facts, summaries
-        gen = make_generator(cfg.generator, cfg.cache_dir, cfg.call_cache)
-        p = cfg.prompts
-        templates = {"qa": p.qa, "facts": p.facts, "summary": p.summary}
-        requests, owners = [], []
-        for c in gen_chunks:
-            for task in TASKS:
-                user = render(templates[task], chunk=c.text, n_questions=p.n_questions, n_facts=p.n_facts)
-                requests.append(_chat(p, user))
-                owners.append((c, task))
-        replies = gen.run(requests, desc="generate qa/facts/summary", progress=self.progress)
-        pairs: list[tuple[Chunk, int, dict]] = []
-        notes: list[dict] = []
-        seen_q: set[str] = set()
-        prov_gen = {"generator": gen.id, "prompt_version": p.version}
-        for (c, task), reply in zip(owners, replies):
-            kw = dict(source=c.source, chunk_id=c.chunk_id, generator=gen.id)
-            if reply.error:
-                self.reject("generate", task, "generator_error", reply.error, **kw)
-                continue
-            parsed = V.PARSERS[task](reply)
-            for r in parsed.rejects:
-                self.reject("generate", task, r.reason, r.detail, item=r.item, output=reply.text, **kw)
-            for j, item in enumerate(parsed.items):
-                if task == "qa":
-                    nq = normalise_for_hash(item["question"])
-                    hit = guard.question_overlap(item["question"], item["answer"]) if guard.active else None
-                    if hit:
-                        self.reject("generate", task, "eval_overlap", hit, item=item, **kw)
-                    elif nq in seen_q:
-                        self.reject("generate", task, "duplicate_question", "asked before", item=item, **kw)
-                    else:
-                        seen_q.add(nq)
-                        pairs.append((c, j, item))
-                else:
-                    text = item
-                    hit = guard.overlap(text) if guard.active else None
-                    if hit:
-                        self.reject("generate", task, "eval_overlap", hit, item=item, **kw)
-                        continue
-                    rid = f"{c.chunk_id}:summary" if task == "summary" else f"{c.chunk_id}:fact{j}"
-                    notes.append({"id": rid, "text": text, "kind": task,
-                                  "provenance": self._prov(c, task=task, **prov_gen, cache_key=reply.key)})
+        # 3.+4. Q&A pairs, facts and summaries per chunk, then a wrong answer per valid question; in windows
+        # of chunks so that memory stays bounded on thousands of papers (rows do not depend on the window).
+        from tqdm.auto import tqdm
 
-        # 4. wrong answers
-        wrong_req = [_chat(p, render(p.wrong_answer, question=it["question"], answer=it["answer"])) for _, _, it in pairs]
-        wrong_rep = gen.run(wrong_req, desc="generate wrong answers", progress=self.progress) if pairs else []
-        messages, preference = [], []
-        for (c, j, it), reply in zip(pairs, wrong_rep):
-            rid = f"{c.chunk_id}:qa{j}"
-            turns = ([{"role": "system", "content": p.sft_system}] if p.sft_system else []) + [
-                {"role": "user", "content": it["question"]}, {"role": "assistant", "content": it["answer"]}]
-            messages.append({"id": rid, "messages": turns, "provenance": self._prov(c, task="qa", **prov_gen)})
-            kw = dict(source=c.source, chunk_id=c.chunk_id, generator=gen.id)
-            if reply.error:
-                self.reject("generate", "wrong_answer", "generator_error", reply.error, item=it, **kw)
-                continue
-            parsed = V.parse_wrong_answer(reply, it["question"], it["answer"])
-            for r in parsed.rejects:
-                self.reject("generate", "wrong_answer", r.reason, r.detail, item={**it, "wrong_answer": r.item},
-                            output=reply.text, **kw)
-            if parsed.items:
-                wrong = parsed.items[0]
-                hit = guard.overlap(wrong) if guard.active else None
-                if hit:
-                    self.reject("generate", "wrong_answer", "eval_overlap", hit, item=wrong, **kw)
-                    continue
-                preference.append({"id": rid, "prompt": it["question"], "chosen": it["answer"], "rejected": wrong,
-                                   "provenance": self._prov(c, task="wrong_answer", **prov_gen)})
-        gen.close()
+        gen = make_generator(cfg.generator, cfg.cache_dir, cfg.call_cache)
+        notes: list[dict] = []
+        messages: list[dict] = []
+        preference: list[dict] = []
+        seen_q: set[str] = set()
+        bar_a = tqdm(total=len(TASKS) * len(gen_chunks), desc="generate qa/facts/summary", unit="call",
+                     disable=not self.progress)
+        bar_b = tqdm(total=0, desc="generate wrong answers", unit="call", disable=not self.progress)
+        try:
+            for w in range(0, len(gen_chunks), WINDOW):
+                pairs = self._distil(gen, gen_chunks[w : w + WINDOW], guard, seen_q, notes, bar_a)
+                self._wrong_answers(gen, pairs, guard, messages, preference, bar_b)
+        finally:
+            bar_a.close()
+            bar_b.close()
+            gen.close()
 
         # 5. write
         text_rows = [{"id": c.chunk_id, "text": c.text, "provenance": self._prov(c, n_tokens=c.n_tokens, generator=None,
@@ -267,7 +218,7 @@ class Build:
             "tokenizer": tok_desc,
             "generator": {"id": gen.id, "kind": gen.kind, **{k: (round(v, 2) if isinstance(v, float) else v)
                                                               for k, v in gen.stats.items()}},
-            "prompts": {"version": p.version, "sha256": prompt_sha(p)},
+            "prompts": {"version": cfg.prompts.version, "sha256": prompt_sha(cfg.prompts)},
             "documents": {"files": counts["files"], "jsonl_items": counts["items"], "used": len(docs),
                           "eval_set_aside": len(eval_docs), "skipped": dict(Counter(s.reason for s in skips))},
             "chunks": {"total": len(chunks_all), "used": len(chunks), "train": len(train_chunks),
@@ -285,6 +236,81 @@ class Build:
         }
         _write_text(self.out_dir / "build_report.json", json.dumps(self.report, indent=2, ensure_ascii=False) + "\n")
         return self.report
+
+    # ------------------------------------------------------------------ generation
+    def _distil(self, gen, chunks: list[Chunk], guard: EvalGuard, seen_q: set, notes: list, bar) -> list:
+        """Q&A pairs (returned as (chunk, index, pair)), facts and summaries (appended to ``notes``)."""
+        p = self.cfg.prompts
+        templates = {"qa": p.qa, "facts": p.facts, "summary": p.summary}
+        requests, owners = [], []
+        for c in chunks:
+            for task in TASKS:
+                user = render(templates[task], chunk=c.text, n_questions=p.n_questions, n_facts=p.n_facts)
+                requests.append(_chat(p, user))
+                owners.append((c, task))
+        replies = gen.run(requests, bar=bar)
+        pairs: list[tuple[Chunk, int, dict]] = []
+        prov_gen = {"generator": gen.id, "prompt_version": p.version}
+        for (c, task), reply in zip(owners, replies):
+            kw = dict(source=c.source, chunk_id=c.chunk_id, generator=gen.id)
+            if reply.error:
+                self.reject("generate", task, "generator_error", reply.error, **kw)
+                continue
+            parsed = V.PARSERS[task](reply)
+            for r in parsed.rejects:
+                self.reject("generate", task, r.reason, r.detail, item=r.item, output=reply.text, **kw)
+            for j, item in enumerate(parsed.items):
+                if task == "qa":
+                    nq = normalise_for_hash(item["question"])
+                    hit = guard.question_overlap(item["question"], item["answer"]) if guard.active else None
+                    if hit:
+                        self.reject("generate", task, "eval_overlap", hit, item=item, **kw)
+                    elif nq in seen_q:
+                        self.reject("generate", task, "duplicate_question", "asked before", item=item, **kw)
+                    else:
+                        seen_q.add(nq)
+                        pairs.append((c, j, item))
+                    continue
+                hit = guard.overlap(item) if guard.active else None
+                if hit:
+                    self.reject("generate", task, "eval_overlap", hit, item=item, **kw)
+                    continue
+                rid = f"{c.chunk_id}:summary" if task == "summary" else f"{c.chunk_id}:fact{j}"
+                notes.append({"id": rid, "text": item, "kind": task,
+                              "provenance": self._prov(c, task=task, **prov_gen, cache_key=reply.key)})
+        return pairs
+
+    def _wrong_answers(self, gen, pairs: list, guard: EvalGuard, messages: list, preference: list, bar) -> None:
+        """An SFT row per pair; a preference row per pair whose wrong answer passes validation."""
+        if not pairs:
+            return
+        p = self.cfg.prompts
+        prov_gen = {"generator": gen.id, "prompt_version": p.version}
+        requests = [_chat(p, render(p.wrong_answer, question=it["question"], answer=it["answer"])) for _, _, it in pairs]
+        bar.total += len(requests)
+        bar.refresh()
+        replies = gen.run(requests, bar=bar)
+        for (c, j, it), reply in zip(pairs, replies):
+            rid = f"{c.chunk_id}:qa{j}"
+            turns = ([{"role": "system", "content": p.sft_system}] if p.sft_system else []) + [
+                {"role": "user", "content": it["question"]}, {"role": "assistant", "content": it["answer"]}]
+            messages.append({"id": rid, "messages": turns, "provenance": self._prov(c, task="qa", **prov_gen)})
+            kw = dict(source=c.source, chunk_id=c.chunk_id, generator=gen.id)
+            if reply.error:
+                self.reject("generate", "wrong_answer", "generator_error", reply.error, item=it, **kw)
+                continue
+            parsed = V.parse_wrong_answer(reply, it["question"], it["answer"])
+            for r in parsed.rejects:
+                self.reject("generate", "wrong_answer", r.reason, r.detail, item={**it, "wrong_answer": r.item},
+                            output=reply.text, **kw)
+            if parsed.items:
+                wrong = parsed.items[0]
+                hit = guard.overlap(wrong) if guard.active else None
+                if hit:
+                    self.reject("generate", "wrong_answer", "eval_overlap", hit, item=wrong, **kw)
+                    continue
+                preference.append({"id": rid, "prompt": it["question"], "chosen": it["answer"], "rejected": wrong,
+                                   "provenance": self._prov(c, task="wrong_answer", **prov_gen)})
 
     # ------------------------------------------------------------------ data config
     def _conf_file(self) -> Path:

@@ -1,0 +1,313 @@
+"""Launching a grid: the launcher configs' resolvers, and how the submitting shell waits.
+
+``conf/launcher/*.yaml`` select a Hydra launcher (``basic`` in-process, ``submitit_local``,
+``submitit_slurm``) and fill ``hydra.launcher.*`` from dft's ``launcher.*`` node. Two things here
+make that work well:
+
+* the ``dft.required`` resolver (:func:`register_resolvers`, called by ``dft/train.py`` at import):
+  ``${dft.required:launcher.partition,'where to set it'}`` returns the value of the key, or fails
+  before anything is submitted with a message saying where to set it (cluster values live in the
+  gitignored ``conf/local/``, never in committed configs); :class:`LauncherCheck`, a Hydra
+  callback of the submitit launcher configs, turns that failure into one line;
+* a replacement for how hydra-submitit-launcher 1.2.0 waits on its job array. The plugin's own
+  ``launch`` waits on the cells one after another, in order, and asks ``sacct`` at most every
+  10 minutes once a sweep is old: a cell that dies hard (SIGKILL, out of memory, node failure)
+  behind a long-running one is noticed late, and its error names an array index, not the cell.
+  :func:`wait_for_cells` polls all cells together (one ``sacct`` call per poll, every
+  ``DFT_LAUNCH_POLL_S`` seconds, default 5), fails as soon as any cell fails, naming its overrides
+  and its log, and leaves the other cells running (they are SLURM jobs, independent of the shell).
+  With ``launcher.wait=false`` it returns right after submitting.
+
+The replacement (:func:`install_waiting`, run by :class:`LauncherCheck` when a multirun starts) is
+a patch of ``BaseSubmititLauncher.launch``, applied only for the pinned plugin version, because
+Hydra instantiates launchers only from the ``hydra_plugins`` package, which dft does not ship. It
+acts in the submitting process only; the jobs use the plugin unchanged (``__call__`` and
+``checkpoint``, the requeue-on-preemption path).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Callable, List, Optional, Sequence
+
+from omegaconf import OmegaConf
+
+log = logging.getLogger("dft.launching")
+
+#: seconds between two status polls of a running sweep (one ``sacct`` call for the whole array)
+POLL_S = float(os.environ.get("DFT_LAUNCH_POLL_S", "5"))
+#: the plugin version whose ``launch`` :func:`_launch` replaces (pinned in pyproject.toml)
+PLUGIN_VERSION = "1.2.0"
+
+
+def required(key: str, hint: str = "", *, _root_: Any) -> Any:
+    """Resolver ``${dft.required:<key>,'<hint>'}``: the value at ``key``, or an error with the hint.
+
+    Raises:
+        dft.DftError: ``launcher.partition is not set: <hint>`` (OmegaConf adds the full key of the
+            node being resolved, e.g. ``hydra.launcher.partition``).
+    """
+    from dft import DftError
+
+    value = OmegaConf.select(_root_, key, default=None)
+    if value is None or value == "":
+        raise DftError(f"{key} is not set: {hint}" if hint else f"{key} is not set")
+    return value
+
+
+def register_resolvers() -> None:
+    """Register the ``dft.required`` resolver (idempotent; call at import, before Hydra composes)."""
+    if not OmegaConf.has_resolver("dft.required"):
+        OmegaConf.register_new_resolver("dft.required", required)
+
+
+def _cause(error: BaseException) -> str:
+    """The user-facing part of a resolution error (the resolver's own message, if it raised one)."""
+    from dft import DftError
+
+    e: Optional[BaseException] = error
+    while e is not None:
+        if isinstance(e, DftError):
+            return str(e)
+        e = e.__cause__ or e.__context__
+    return str(error).splitlines()[0]
+
+
+try:
+    from hydra.experimental.callback import Callback as _Callback
+except ImportError:  # pragma: no cover - hydra-core is a dependency
+    _Callback = object  # type: ignore[misc,assignment]
+
+
+class LauncherCheck(_Callback):  # type: ignore[misc,valid-type]
+    """Hydra callback of the submitit launcher configs (``hydra.callbacks.dft_launcher``).
+
+    * multirun: resolves ``hydra.launcher`` before anything is submitted, so a missing partition
+      is one line (``error: launcher.partition is not set: ...``, exit status 2) instead of a
+      traceback from inside the launcher's instantiation;
+      Then installs :func:`install_waiting` (the sweeper instantiates the launcher next);
+    * single run: warns that the launcher is not used (it takes effect with ``-m`` only).
+    """
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        import sys
+
+        try:
+            OmegaConf.to_container(config.hydra.launcher, resolve=True)
+        except Exception as e:  # noqa: BLE001 - any resolution error: report it in one line
+            print(f"error: {_cause(e)}", file=sys.stderr)
+            sys.exit(2)
+        install_waiting()
+
+    def on_run_start(self, config: Any, **kwargs: Any) -> None:
+        name = OmegaConf.select(config, "launcher.name", default="?")
+        log.warning("launcher=%s is used with -m (multirun) only; this single run runs here, in this process", name)
+
+
+# --- waiting on a submitted sweep ----------------------------------------------------------------
+
+
+class CellFailed(RuntimeError):
+    """A cell of a multirun failed; the message names its overrides, job id, state and log."""
+
+
+def _job_state(job: Any) -> str:
+    try:
+        return str(job.state)
+    except Exception:  # noqa: BLE001 - a state is only decoration in a message
+        return "UNKNOWN"
+
+
+def _refresh(jobs: Sequence[Any]) -> None:
+    """One status update for all jobs: a single ``sacct`` for a SLURM array, nothing for local jobs."""
+    watcher = getattr(type(jobs[0]), "watcher", None) if jobs else None
+    if watcher is not None and hasattr(watcher, "update") and type(jobs[0]).__name__ == "SlurmJob":
+        watcher.update()
+
+
+def _tail(text: str, n: int = 25) -> str:
+    lines = text.strip().splitlines()
+    return "\n".join(("    " + line) for line in lines[-n:])
+
+
+def _failure(i: int, cell: str, job: Any, error: BaseException, run_dir: Optional[str]) -> str:
+    paths = getattr(job, "paths", None)
+    log_file = getattr(paths, "stderr", None)
+    what = f"{type(error).__name__}: {error}"
+    return (
+        f"cell #{i} {cell} failed (job {job.job_id}, state {_job_state(job)})\n"
+        f"  run dir: {run_dir or '?'}\n  log: {log_file}\n{_tail(what)}"
+    )
+
+
+def wait_for_cells(
+    jobs: Sequence[Any],
+    cells: Sequence[str],
+    poll_s: Optional[float] = None,
+    run_dir: Optional[Callable[[int], Optional[str]]] = None,
+) -> List[Any]:
+    """Wait for every submitted cell; fail as soon as one fails.
+
+    Args:
+        jobs: submitit jobs, one per cell (a job array's tasks), in cell order.
+        cells: each cell's overrides as one string, for messages.
+        poll_s: seconds between polls (default :data:`POLL_S`).
+        run_dir: cell index -> its run directory (asked only for failed cells).
+
+    Returns:
+        Each job's result (for the Hydra launcher: a ``JobReturn``), in cell order.
+
+    Raises:
+        CellFailed: names every cell found failed in the same poll, with its job id, state and log
+            (a hard-killed cell has no result file; submitit waits up to 15 s for one first), and
+            lists the cells still running, which are left to run.
+    """
+    from hydra.core.utils import JobStatus
+
+    poll_s = POLL_S if poll_s is None else poll_s
+    results: List[Any] = [None] * len(jobs)
+    pending = set(range(len(jobs)))
+    last_report = time.monotonic()
+    try:
+        while pending:
+            _refresh(jobs)
+            failures = []
+            for i in sorted(pending):
+                job = jobs[i]
+                if not job.done():
+                    continue
+                pending.discard(i)
+                try:
+                    ret = job.results()[0]
+                except Exception as e:  # noqa: BLE001 - killed, timed out, or failed outside Python
+                    failures.append(_failure(i, cells[i], job, e, run_dir(i) if run_dir else None))
+                    continue
+                if getattr(ret, "status", None) == JobStatus.FAILED:  # the task function raised
+                    failures.append(_failure(i, cells[i], job, ret._return_value, run_dir(i) if run_dir else None))
+                results[i] = ret
+            if failures:
+                still = [f"#{i} {jobs[i].job_id} {cells[i]}" for i in sorted(pending)]
+                msg = "\n".join(failures)
+                if still:
+                    array = str(jobs[0].job_id).split("_")[0]
+                    msg += (
+                        f"\n{len(still)} other cell(s) still running; they go on (squeue -j {array}; "
+                        f"cancel: scancel {array}):\n  " + "\n  ".join(still)
+                    )
+                raise CellFailed(msg)
+            if pending:
+                if time.monotonic() - last_report > 60:
+                    states: dict = {}
+                    for i in pending:
+                        states[_job_state(jobs[i])] = states.get(_job_state(jobs[i]), 0) + 1
+                    log.info(
+                        "%d/%d cells done; waiting on %s",
+                        len(jobs) - len(pending),
+                        len(jobs),
+                        ", ".join(f"{n} {s}" for s, n in sorted(states.items())),
+                    )
+                    last_report = time.monotonic()
+                time.sleep(poll_s)
+    except KeyboardInterrupt:
+        ids = " ".join(str(jobs[i].job_id) for i in sorted(pending))
+        log.warning("interrupted: submitted cells keep running (%s); scancel them to stop", ids)
+        raise
+    return results
+
+
+def _launch(self: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[Any]:
+    """``BaseSubmititLauncher.launch`` of hydra-submitit-launcher 1.2.0, waiting with :func:`wait_for_cells`.
+
+    Identical up to the submission (same executor, parameters and job array); then, instead of
+    ``[j.results()[0] for j in jobs]``, it waits on all cells together, or not at all when
+    ``launcher.wait`` is false.
+    """
+    from pathlib import Path
+
+    import submitit
+    from hydra.core.singleton import Singleton
+    from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
+    assert self.config is not None
+    num_jobs = len(job_overrides)
+    assert num_jobs > 0
+    params = self.params
+    init_params = {"folder": self.params["submitit_folder"]}
+    specific_init_keys = {"max_num_timeout"}
+    init_params.update(**{f"{self._EXECUTOR}_{x}": y for x, y in params.items() if x in specific_init_keys})
+    init_keys = specific_init_keys | {"submitit_folder"}
+    executor = submitit.AutoExecutor(cluster=self._EXECUTOR, **init_params)
+
+    baseparams = set(OmegaConf.structured(BaseQueueConf).keys())
+    params = {x if x in baseparams else f"{self._EXECUTOR}_{x}": y for x, y in params.items() if x not in init_keys}
+    executor.update_parameters(**params)
+
+    log.info(f"Submitit '{self._EXECUTOR}' sweep output dir : {self.config.hydra.sweep.dir}")
+    sweep_dir = Path(str(self.config.hydra.sweep.dir))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    if "mode" in self.config.hydra.sweep:
+        os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
+
+    job_params: List[Any] = []
+    cells: List[str] = []
+    for idx, overrides in enumerate(job_overrides):
+        idx = initial_job_idx + idx
+        lst = " ".join(filter_overrides(overrides))
+        cells.append("'" + (" ".join(filter_overrides(overrides)) or "(no overrides)") + "'")
+        log.info(f"\t#{idx} : {lst}")
+        job_params.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state()))
+
+    jobs = executor.map_array(self, *zip(*job_params))
+    ids = sorted({str(j.job_id).split("_")[0] for j in jobs})
+    log.info("submitted %d cell(s) as job %s (submitit folder: %s)", num_jobs, ", ".join(ids), executor.folder)
+
+    if not OmegaConf.select(self.config, "launcher.wait", default=True):
+        log.info("launcher.wait=false: not waiting. Follow with: squeue -j %s; sacct -j %s", ",".join(ids), ",".join(ids))
+        return [
+            JobReturn(overrides=list(o), status=JobStatus.COMPLETED, task_name="submitted", _return_value=None)
+            for o in job_overrides
+        ]
+
+    def run_dir(i: int) -> Optional[str]:
+        """The cell's run directory, composed as the job composes it (only for failed cells)."""
+        try:
+            from hydra.core.hydra_config import HydraConfig
+
+            sweep_cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(job_overrides[i]))
+            HydraConfig.instance().set_config(sweep_cfg)
+            return str(Path(str(sweep_cfg.hydra.sweep.dir)) / str(sweep_cfg.hydra.sweep.subdir))
+        except Exception:  # noqa: BLE001 - only decoration in an error message
+            return None
+
+    return wait_for_cells(jobs, cells, run_dir=run_dir)
+
+
+def install_waiting() -> None:
+    """Replace ``BaseSubmititLauncher.launch`` by :func:`_launch` (idempotent).
+
+    Called by :class:`LauncherCheck` at the start of a multirun, after Hydra's plugin scan: the
+    scan re-executes every ``hydra_plugins`` module, which would undo a patch made earlier.
+    """
+    try:
+        from importlib.metadata import version
+
+        from hydra.core.plugins import Plugins
+        from hydra_plugins.hydra_submitit_launcher import submitit_launcher
+    except ImportError:  # the plugin is not installed: only the basic launcher is available
+        return
+    Plugins.instance()  # the scan, if it has not run yet
+    base = submitit_launcher.BaseSubmititLauncher
+    if getattr(base.launch, "__dft__", False):
+        return
+    installed = version("hydra-submitit-launcher")
+    if installed != PLUGIN_VERSION:
+        log.warning(
+            "hydra-submitit-launcher %s is not %s: keeping its own waiting (in cell order, slow to "
+            "notice a killed cell)", installed, PLUGIN_VERSION,
+        )
+        return
+    _launch.__dft__ = True  # type: ignore[attr-defined]
+    base.launch = _launch

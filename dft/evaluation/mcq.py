@@ -68,7 +68,7 @@ def extract_letter(output: str, options: list[str]) -> Optional[str]:
         if not m or m.group(1) not in allowed:
             continue
         nxt = words[i + 1] if i + 1 < len(words) else ""
-        if w == "A" and nxt[:1].islower():
+        if w == "A" and nxt[:1].islower() and nxt not in ("or", "and", "nor", "vs", "versus"):
             continue  # the article "A material ..."
         found.append(m.group(1))
     if len(set(found)) == 1:
@@ -128,33 +128,41 @@ def evaluate_mcq(model, tokenizer, model_cfg: Any, items: list[dict], *, eos_ids
 
     device = next(model.parameters()).device
     model.eval()
-    records = []
-    batches = range(0, len(items), batch_size)
-    for start in tqdm(batches, desc="mcq", disable=not progress, leave=False):
-        chunk = items[start: start + batch_size]
-        prompts = [render_prompt(it, tokenizer, model_cfg) for it in chunk]
-        enc = _encode_left_padded(prompts, tokenizer, device)
+    prompts = [render_prompt(it, tokenizer, model_cfg) for it in items]
+    # batches of similar length waste little compute on left padding; results keep item order
+    order = sorted(range(len(items)), key=lambda i: len(prompts[i]))
+    records: list[Optional[dict]] = [None] * len(items)
+    for start in tqdm(range(0, len(order), batch_size), desc="mcq", disable=not progress, leave=False):
+        idx = order[start: start + batch_size]
+        chunk = [items[i] for i in idx]
+        enc = _encode_left_padded([prompts[i] for i in idx], tokenizer, device)
         outs = [""] * len(chunk)
         preds_ll: list[Optional[str]] = [None] * len(chunk)
+        first_logits = None
+        if generate:
+            # the logits of the first generated position are the log-likelihood scores too:
+            # one forward pass serves both protocols
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_ids,
+                                 pad_token_id=tokenizer.pad_token_id, output_logits=True,
+                                 return_dict_in_generate=True)
+            outs = tokenizer.batch_decode(gen.sequences[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            first_logits = gen.logits[0]
         if loglik:
-            logits = model(**enc).logits[:, -1, :].float()
-            logp = torch.log_softmax(logits, dim=-1)
+            if first_logits is None:
+                first_logits = model(**enc).logits[:, -1, :]
+            logp = torch.log_softmax(first_logits.float(), dim=-1)
             for i, it in enumerate(chunk):
                 ids = letter_token_ids(tokenizer, len(it["options"]))
                 preds_ll[i] = LETTERS[int(torch.argmax(logp[i, ids]))]
-        if generate:
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_ids,
-                                 pad_token_id=tokenizer.pad_token_id)
-            outs = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         for i, it in enumerate(chunk):
             pred = extract_letter(outs[i], it["options"]) if generate else None
-            records.append({
+            records[idx[i]] = {
                 "id": it["id"], "category": it.get("category"), "answer": it["answer"],
                 "pred": pred, "pred_ll": preds_ll[i],
                 "correct": bool(pred == it["answer"]) if generate else None,
                 "correct_ll": bool(preds_ll[i] == it["answer"]) if loglik else None,
                 "output": outs[i],
-            })
+            }
     return summarize(records, generate=generate, loglik=loglik)
 
 

@@ -1,0 +1,132 @@
+"""MCQ evaluation: letter extraction, log-likelihood scoring, perplexity, determinism."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import compose
+from dft.evaluation.mcq import extract_letter, format_question, render_prompt
+
+OPTS = ["austenite", "ferrite", "cementite", "martensite"]
+
+
+@pytest.mark.parametrize("output,expected", [
+    (" B", "B"),
+    ("B", "B"),
+    (" (B)", "B"),
+    (" B)", "B"),
+    (" B.", "B"),
+    (" **B**", "B"),
+    (" The answer is B.", "B"),
+    ("\nAnswer: (D) martensite", "D"),
+    (" C. cementite, because it is an iron carbide", "C"),
+    (" cementite", "C"),                      # an option's text instead of its letter
+    (" Martensite forms on quenching", "D"),
+    (" A or B", None),                         # two letters: ambiguous, scored wrong
+    (" (A) austenite and (C) cementite", None),
+    (" A material that is hard", None),        # the article, not an answer
+    (" I am not sure", None),
+    (" E", None),                              # not among the 4 options
+    ("", None),
+])
+def test_extract_letter(output, expected):
+    assert extract_letter(output, OPTS) == expected
+
+
+def test_format_question_lists_options_once():
+    item = {"question": "Which phase is an iron carbide?", "options": OPTS}
+    assert format_question(item) == "Which phase is an iron carbide?\n(A) austenite\n(B) ferrite\n(C) cementite\n(D) martensite"
+    inline = {"question": "Pick one (A) x (B) y", "options": ["x", "y"]}
+    assert format_question(inline) == "Pick one (A) x (B) y"
+
+
+def test_prompt_follows_the_paper(tiny_model):
+    from dft.modeling import load_tokenizer
+
+    cfg = compose(["model=tiny"])
+    tok = load_tokenizer(tiny_model, cfg.model)
+    text = render_prompt({"question": "Q?", "options": ["a", "b"]}, tok, cfg.model)
+    assert text.endswith("<|im_start|>user\nYou respond with one word or letter. Select the correct answer to this "
+                         "question: Q?\n(A) a\n(B) b<|im_end|>\n<|im_start|>assistant\nThe correct answer is:")
+
+
+def _rigged(tiny_model, letter):
+    """The tiny model with the logit of ``" <letter>"`` raised by 100 at every position."""
+    from dft.modeling import load_model, load_tokenizer
+
+    cfg = compose(["model=tiny"])
+    tok = load_tokenizer(tiny_model, cfg.model)
+    tok.padding_side = "left"
+    model = load_model(tiny_model, cfg.model)
+    tid = tok(" " + letter, add_special_tokens=False)["input_ids"][0]
+
+    def hook(_mod, _inp, out):
+        out = out.clone()
+        out[..., tid] += 100.0
+        return out
+
+    model.lm_head.register_forward_hook(hook)
+    return cfg, tok, model
+
+
+def test_loglik_and_greedy_pick_the_certain_option(tiny_model):
+    from dft.evaluation.mcq import evaluate_mcq
+    from dft.modeling import generation_eos_ids
+
+    cfg, tok, model = _rigged(tiny_model, "C")
+    items = [{"id": str(i), "question": f"Question {i} about steel?", "options": OPTS,
+              "answer": "C" if i % 2 == 0 else "A", "category": "phase" if i < 3 else "other"} for i in range(6)]
+    rec = evaluate_mcq(model, tok, cfg.model, items, eos_ids=generation_eos_ids(tok, cfg.model), batch_size=4,
+                       max_new_tokens=3, progress=False)
+    assert [r["pred_ll"] for r in rec["items"]] == ["C"] * 6
+    assert [r["pred"] for r in rec["items"]] == ["C"] * 6
+    assert rec["acc_ll"] == pytest.approx(0.5) and rec["acc"] == pytest.approx(0.5)
+    assert rec["by_category"]["phase"] == {"n": 3, "acc": pytest.approx(2 / 3), "acc_ll": pytest.approx(2 / 3)}
+    assert [r["id"] for r in rec["items"]] == [str(i) for i in range(6)]  # item order kept despite length sorting
+
+
+def test_perplexity_is_exp_of_mean_token_nll(tiny_model):
+    from dft.evaluation.perplexity import perplexity
+    from dft.modeling import load_model, load_tokenizer
+
+    cfg = compose(["model=tiny"])
+    tok = load_tokenizer(tiny_model, cfg.model)
+    model = load_model(tiny_model, cfg.model)
+    docs = ["Bone is a composite of collagen and hydroxyapatite.", "Steel is iron with carbon."]
+    r = perplexity(model, tok, docs, block=8, batch_size=3, progress=False)
+    # reference: one pass per block, mean NLL over all predicted tokens
+    stream = []
+    for d in docs:
+        stream += tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(stream) - 1, 8):
+            b = torch.tensor(stream[i:i + 8])[None]
+            if b.shape[1] < 2:
+                continue
+            lp = torch.log_softmax(model(input_ids=b).logits[0, :-1].float(), -1)
+            nll -= float(lp.gather(-1, b[0, 1:, None]).sum())
+            n += b.shape[1] - 1
+    assert r["n_tokens"] == n and r["n_docs"] == 2
+    assert r["ppl"] == pytest.approx(math.exp(nll / n), rel=1e-4)
+
+
+def test_embedded_model_quick_eval_is_deterministic_and_above_zero(embedded_model):
+    """The real SmolLM2-135M-Instruct: accuracy in [0, 1], identical on a second run (greedy)."""
+    from dft.data import load_benchmark
+    from dft.evaluation.mcq import evaluate_mcq
+    from dft.modeling import generation_eos_ids, load_model, load_tokenizer
+
+    cfg = compose(["data=tiny"])
+    tok = load_tokenizer(embedded_model, cfg.model)
+    tok.padding_side = "left"
+    model = load_model(embedded_model, cfg.model)
+    items = load_benchmark(cfg.data, "anatomy_mcq")[:8]
+    a = evaluate_mcq(model, tok, cfg.model, items, eos_ids=generation_eos_ids(tok, cfg.model), batch_size=8, progress=False)
+    b = evaluate_mcq(model, tok, cfg.model, items, eos_ids=generation_eos_ids(tok, cfg.model), batch_size=8, progress=False)
+    assert 0.0 <= a["acc"] <= 1.0 and 0.0 <= a["acc_ll"] <= 1.0
+    assert a["items"] == b["items"]
+    assert any(r["pred"] is not None for r in a["items"]), [r["output"] for r in a["items"]]

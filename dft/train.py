@@ -28,11 +28,12 @@ log = logging.getLogger("dft")
 def cell_name(override_dirname: str) -> str:
     """Directory name of a cell: Hydra's ``override_dirname`` made path-safe (``default`` if empty).
 
-    Slashes become ``_``; names over 120 characters keep a readable prefix and a hash suffix.
+    Slashes become ``_``; names over 200 characters (file systems allow 255 bytes) keep a readable
+    180-character prefix and a hash of the whole.
     """
     name = re.sub(r"[^A-Za-z0-9=,._+\-]", "_", override_dirname) or "default"
-    if len(name) > 120:
-        name = name[:100] + "-" + hashlib.sha256(name.encode()).hexdigest()[:12]
+    if len(name) > 200:
+        name = name[:180] + "-" + hashlib.sha256(name.encode()).hexdigest()[:12]
     return name
 
 

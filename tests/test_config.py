@@ -92,6 +92,7 @@ def test_validate_rejects_a_chain_stage_without_config():
     from dft.config import validate
 
     cfg = compose(["strategy=cpt"])
+    cfg.strategy.sft = None
     cfg.strategy.chain = ["cpt", "sft"]
     with pytest.raises(DftError, match=r"^strategy\.sft is missing: strategy 'cpt' lists it in its chain$"):
         validate(cfg)

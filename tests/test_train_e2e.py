@@ -1,0 +1,124 @@
+"""``python -m dft.train`` end to end: the chain, merge, evaluation, summary, W&B, rerun, errors."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import run_train
+
+BASE = ["model=tiny", "data=tiny", "eval.max_items=4", "eval.ppl_max_tokens=400", "eval.max_new_tokens=3",
+        "experiment=e2e"]
+
+
+def steps(*stages: str, n: int = 2) -> list[str]:
+    return [f"strategy.{s}.trainer.max_steps={n}" for s in stages]
+
+
+FAST = BASE + steps("cpt", "sft")
+
+
+def _summary(runs: Path, experiment: str, cell: str) -> dict:
+    return json.loads((runs / experiment / cell / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny_chain(tmp_path_factory, tiny_model):
+    runs = tmp_path_factory.mktemp("runs")
+    p = run_train(["strategy=cpt_sft_dpo", "merge=slerp", *FAST, *steps("dpo")], runs)
+    return runs, p
+
+
+def test_chain_writes_every_artefact_and_a_summary(tiny_chain):
+    runs, p = tiny_chain
+    cells = [d for d in (runs / "e2e").iterdir() if (d / "summary.json").exists()]
+    assert len(cells) == 1
+    cell = cells[0]
+    s = json.loads((cell / "summary.json").read_text())
+    assert s["status"] == "finished" and s["chain"] == ["cpt", "sft", "dpo"] and s["merge"] == "slerp"
+    assert [a["name"] for a in s["artefacts"]] == ["start", "cpt", "cpt_sft", "cpt_sft_dpo", "cpt_sft_dpo+slerp"]
+    for a in s["artefacts"]:
+        assert set(a["metrics"]) == {"mascqa/acc", "mascqa/acc_ll", "mmlu_stem/acc", "mmlu_stem/acc_ll",
+                                     "anatomy_mcq/acc", "anatomy_mcq/acc_ll", "ppl"}
+        assert 0 <= a["metrics"]["mascqa/acc_ll"] <= 1 and a["metrics"]["ppl"] > 1
+        for bench in ("mascqa", "mmlu_stem", "anatomy_mcq"):
+            rec = json.loads((cell / "eval" / a["name"] / f"{bench}.json").read_text())
+            assert rec["n"] == 4 and len(rec["items"]) == 4
+            assert rec["acc_ll"] == a["metrics"][f"{bench}/acc_ll"]
+    # the merge lives in merged/ with its mergekit config; stages are linked from the stage cache
+    assert (cell / "merged" / "cpt_sft_dpo+slerp" / "final" / "mergekit.yaml").exists()
+    for st in ("cpt", "cpt_sft", "cpt_sft_dpo"):
+        assert (cell / "stages" / st / "final" / "model.safetensors").exists()
+        assert (cell / "stages" / st / "manifest.json").exists()
+    # synergy of the merge against its parents: E = (P1 + P2) / 2 exactly
+    syn = {r["metric"]: r for r in s["synergy"]}
+    by = {a["name"]: a["metrics"] for a in s["artefacts"]}
+    r = syn["mascqa/acc_ll"]
+    assert r["p1"] == by["cpt_sft_dpo"]["mascqa/acc_ll"] and r["p2"] == by["start"]["mascqa/acc_ll"]
+    assert r["expected"] == pytest.approx((r["p1"] + r["p2"]) / 2)
+    assert r["merged_score"] == by["cpt_sft_dpo+slerp"]["mascqa/acc_ll"]
+    assert s["metrics"]["eval/cpt/ppl"] == by["cpt"]["ppl"]
+    assert {"config.yaml", "meta.json"} <= {f.name for f in cell.iterdir()}
+    meta = json.loads((cell / "meta.json").read_text())
+    assert meta["packages"]["trl"] and meta["experiment"] == "e2e"
+    assert list((cell / "wandb").glob("offline-run-*/run-*.wandb")), "no W&B offline run"
+    assert "cpt_sft_dpo+slerp" in p.stdout  # the final table
+
+
+def test_same_overrides_rerun_skips_the_finished_cell(tiny_chain, tiny_model):
+    runs, _ = tiny_chain
+    t0 = time.time()
+    p = run_train(["strategy=cpt_sft_dpo", "merge=slerp", *FAST, *steps("dpo")], runs)
+    assert "already finished" in p.stderr + p.stdout
+    assert time.time() - t0 < 60
+
+
+def test_a_new_cell_reuses_the_shared_prefix(tiny_chain, tiny_model):
+    """cpt_sft_orpo shares CPT->SFT with cpt_sft_dpo: only ORPO trains."""
+    runs, _ = tiny_chain
+    run_train(["strategy=cpt_sft_orpo", "merge=none", *FAST, *steps("orpo")], runs)
+    s = next(json.loads(f.read_text()) for f in (runs / "e2e").glob("*/summary.json")
+             if json.loads(f.read_text())["strategy"] == "cpt_sft_orpo")
+    assert s["cache"] == {"trained": 1, "reused": 2}
+    assert s["train"]["cpt"]["cached"] and s["train"]["cpt_sft"]["cached"] and not s["train"]["cpt_sft_orpo"]["cached"]
+
+
+def test_multirun_gives_two_cells_and_two_wandb_runs(tmp_path, tiny_model):
+    run_train(["-m", "strategy=dpo,orpo", "merge=none", "eval=none", "model=tiny", "data=tiny",
+               "strategy.dpo.trainer.max_steps=1", "strategy.orpo.trainer.max_steps=1", "experiment=mr"], tmp_path)
+    cells = sorted(d.name for d in (tmp_path / "mr").iterdir() if (d / "summary.json").exists())
+    assert cells == ["data=tiny,eval=none,merge=none,model=tiny,strategy.dpo.trainer.max_steps=1,"
+                     "strategy.orpo.trainer.max_steps=1,strategy=dpo",
+                     "data=tiny,eval=none,merge=none,model=tiny,strategy.dpo.trainer.max_steps=1,"
+                     "strategy.orpo.trainer.max_steps=1,strategy=orpo"]
+    ids = set()
+    for c in cells:
+        runs = list((tmp_path / "mr" / c / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1
+        ids.add(runs[0].name.rsplit("-", 1)[1])
+    assert len(ids) == 2
+
+
+@pytest.mark.parametrize("args,message", [
+    (["strategy=sft", "data.messages=null"],
+     "error: stage 'sft' needs data.messages, but domain 'tiny' has none (set data.messages=<file>)"),
+    (["model.path=/nonexistent/model"],
+     "error: model.path=/nonexistent/model: no model there (expected a Hugging Face folder with config.json)"),
+    (["strategy=dpo", "data.preference=data/tiny/nope.jsonl"], "data/tiny/nope.jsonl"),
+])
+def test_bad_input_fails_in_one_line_before_training(args, message, tmp_path, tiny_model):
+    p = run_train(["model=tiny", "data=tiny", *args], tmp_path, check=False)
+    assert p.returncode == 2
+    last = p.stderr.strip().splitlines()[-1]
+    assert message in last, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    assert not list(tmp_path.rglob("checkpoint-*")) and not list(tmp_path.rglob("summary.json"))
+
+
+def test_unknown_strategy_is_named(tmp_path):
+    p = run_train(["strategy=sfft"], tmp_path, check=False)
+    assert p.returncode != 0
+    assert "Could not find 'strategy/sfft'" in p.stderr

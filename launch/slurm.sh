@@ -104,7 +104,7 @@ write_configs() {
   mem=$(slurmd -C 2>/dev/null | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' | head -1)
   [[ -n $mem ]] || die "slurmd -C did not report RealMemory"
   mkdir -p "$DIR/dev"
-  local gres_file="" i
+  local i
   for (( i = 0; i < GPUS; i++ )); do ln -sfn /dev/null "$DIR/dev/gpu$i"; done
 
   cat >"$DIR/etc/slurm.conf.new" <<EOF
@@ -271,7 +271,10 @@ start_slurmd() {
 }
 
 cmd_start() {
-  [[ $EUID -eq 0 ]] || die "start needs root"
+  if [[ $EUID -ne 0 ]]; then
+    all_up && { log "already running"; return 0; }
+    die "start needs root"
+  fi
   mkdir -p "$DIR"/{etc,state,spool,log,run}
   # Concurrent starts (parallel test sessions) wait for each other. Daemons are started with
   # fd 9 closed (9>&-), or they would hold this lock for their whole life.
@@ -313,9 +316,11 @@ stop_daemons() {  # stop_daemons <name...>: SIGTERM by pid file, wait, SIGKILL w
 cmd_stop() {
   [[ -d $DIR ]] || { log "nothing to stop ($DIR does not exist)"; return 0; }
   exec 9>"$DIR/.lock"; flock 9
-  if running slurmctld; then
-    scancel --full --quiet --user="$(id -un)" 2>/dev/null || true
-    [[ $EUID -eq 0 ]] && { timeout 10 scancel --quiet --state=PENDING 2>/dev/null; timeout 10 squeue -h -o %i 2>/dev/null | xargs -r scancel --quiet 2>/dev/null; } || true
+  if running slurmctld && [[ -n $(timeout 10 squeue -h -o %i 2>/dev/null) ]]; then
+    # Cancel every job (root may) and wait for them to end, so no slurmstepd outlives slurmd.
+    timeout 10 scancel --quiet --partition="$PARTITION" 2>/dev/null || true
+    local deadline=$(( $(date +%s) + 30 ))
+    while [[ -n $(timeout 10 squeue -h -o %i 2>/dev/null) ]] && (( $(date +%s) < deadline )); do sleep 0.5; done
     log "jobs cancelled"
   fi
   stop_daemons slurmd slurmctld

@@ -4,6 +4,7 @@
 # jobs and keep running whatever happens to the submitting shell.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# shellcheck disable=SC2054  # commas are Hydra sweep values, not separators
 GRID=(launcher=slurm experiment=smol_grid model=smollm_1_7b_instruct strategy=sft,cpt_sft merge=none,slerp)
 
 # 1. nohup: the waiting process survives hang-up; its log says when the grid is done or what failed.

@@ -160,6 +160,7 @@ class LauncherConfig:
     array_parallelism: int = 16
     max_num_timeout: int = 3
     setup: List[str] = field(default_factory=list)
+    wait: bool = True  #: the submitting shell waits for the sweep (false: submit and return)
 
 
 @dataclass
@@ -169,6 +170,20 @@ class PathsConfig:
     runs: str = "runs"  #: run directories: ``<runs>/<experiment>/<cell>/``
     cache: str = MISSING  #: converted models (e.g. the embedded GGUF as safetensors)
     stages: str = MISSING  #: stage cache shared by all cells (keyed by lineage hash)
+
+
+@dataclass
+class PlanConfig:
+    """Assumptions of the dry-run cost estimate (``dry_run=true``, :mod:`dft.plan`).
+
+    GPU-hours of a stage = k * N * tokens / (gpu_peak_tflops * 1e12 * mfu) / 3600, with N the
+    model's parameters (``model.params_b``) and k the FLOPs per parameter and token (6 full,
+    4 LoRA, +2 with gradient checkpointing, +2 for DPO's reference forward).
+    """
+
+    gpu_peak_tflops: float = 989.0  #: dense BF16 peak of one GPU (H100 SXM 989, A100 312, H200 989)
+    mfu: float = 0.35  #: model FLOPs utilisation assumed for fine-tuning
+    chars_per_token: float = 4.0  #: to turn data characters into tokens without loading a tokenizer
 
 
 @dataclass
@@ -182,6 +197,7 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     experiment: str = "default"
     seed: int = 42
     force: bool = False  #: recompute this cell even if it finished

@@ -14,6 +14,7 @@ path of DESIGN.md §3:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -210,31 +211,42 @@ class Cell:
         key = canonical_hash(lineage)
         name = f"{parent.name}_{stage}" if parent.kind != "start" else stage
         final = self.cache.entry(key) / "final"
-        if self.cache.is_complete(key) and not cfg.force:
+        rank0 = self.dist.is_rank0 if hasattr(self, "dist") else True
+        cached = self._from_rank0(self.cache.is_complete(key) and not cfg.force if rank0 else None)
+        if cached:
             self.cache.stats["reused"] += 1
             log.info("stage %s: reusing %s", name, self.cache.entry(key))
             facts = self.cache.manifest(key).get("train", {})
             self.train_facts[name] = {**facts, "cached": True}
         else:
-            with self.cache.lock(key):
-                if self.cache.is_complete(key) and not cfg.force:
+            # rank 0 holds the cache lock; the other ranks follow its decisions
+            with (self.cache.lock(key) if rank0 else contextlib.nullcontext()):
+                cached = self._from_rank0(self.cache.is_complete(key) and not cfg.force if rank0 else None)
+                if cached:
                     self.cache.stats["reused"] += 1
                     facts = self.cache.manifest(key).get("train", {})
                     self.train_facts[name] = {**facts, "cached": True}
                     log.info("stage %s: another cell trained it meanwhile; reusing", name)
                 else:
-                    entry = self.cache.prepare(key)
-                    write_json(entry / "lineage.json", lineage)
+                    entry = self.cache.entry(key)
+                    if rank0:
+                        self.cache.prepare(key)
+                        write_json(entry / "lineage.json", lineage)
+                    self._barrier()
                     sc = cfg.strategy[stage]
                     use = rows[: sc.max_samples] if sc.max_samples else rows
                     log.info("stage %s: training %s on %d rows -> %s", name, stage.upper(), len(use), entry)
                     facts = train_stage(kind=stage, stage_cfg=sc, rows=use, start_path=parent.path, model_cfg=cfg.model,
                                         peft_cfg=cfg.peft, work_dir=entry / "work", out_dir=final, device=self.device,
-                                        report_to=self.tracker.report_to if self.tracker else "none", seed=cfg.seed)
-                    self.cache.commit(key, {"lineage": lineage, "train": facts, "artefact": name})
+                                        report_to=self.tracker.report_to if self.tracker else "none", seed=cfg.seed,
+                                        save=rank0)
+                    if rank0:
+                        self.cache.commit(key, {"lineage": lineage, "train": facts, "artefact": name})
+                    self._barrier()
                     self.cache.stats["trained"] += 1
                     self.train_facts[name] = {**facts, "cached": False}
-        link(self.cache.entry(key), self.run_dir / "stages" / name)
+        if rank0:
+            link(self.cache.entry(key), self.run_dir / "stages" / name)
         chain = parent.stages + [stage]
         return Artefact(name=name, kind="stage", path=final, key=key, stages=chain)
 
@@ -273,6 +285,9 @@ class Cell:
         from dft.tracking import Tracker, scrub
 
         cfg = self.cfg
+        if cfg.dry_run:  # before the finished-cell skip: a finished cell's plan says what is cached
+            self.print_plan()
+            return None
         summary_path = self.run_dir / "summary.json"
         old = read_json(summary_path)
         if old and old.get("status") == "finished" and not cfg.force:
@@ -285,33 +300,36 @@ class Cell:
         start_path = resolve_model_path(cfg.model, cfg.paths.cache)
         merging = cfg.merge.method != "none"
         partner_path = resolve_model_path(cfg.model, cfg.paths.cache, which="partner") if merging else None
-        if cfg.dry_run:
-            self.print_plan(rows)
-            return None
 
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        from dft.distributed import destroy_process_group, init_process_group
+
+        # one process per GPU: every rank trains (DDP); rank 0 alone writes metadata, evaluates,
+        # merges, logs to W&B and writes the summary; the others wait at barriers
+        self.dist = init_process_group()
+        rank0 = self.dist.is_rank0
         resolved = scrub(OmegaConf.to_container(cfg, resolve=True))
-        (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
-        write_json(self.run_dir / "meta.json", meta(Path(cfg.paths.root), {
-            "experiment": cfg.experiment, "cell": self.cell, "device": self.device,
-            "start_model": str(start_path), "partner_model": str(partner_path) if partner_path else None}))
+        if rank0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
+            write_json(self.run_dir / "meta.json", meta(Path(cfg.paths.root), {
+                "experiment": cfg.experiment, "cell": self.cell, "device": self.device,
+                "start_model": str(start_path), "partner_model": str(partner_path) if partner_path else None,
+                "distributed": {"world_size": self.dist.world_size, "source": self.dist.source,
+                                "backend": self._backend()}}))
         tags = [f"model:{cfg.model.name}", f"family:{cfg.model.family}", f"start:{cfg.model.start}",
                 f"strategy:{cfg.strategy.name}", f"merge:{cfg.merge.method}", f"peft:{cfg.peft.method}"]
-        try:
-            from dft.distributed import is_rank0
-        except ImportError:  # pragma: no cover - dft.distributed ships with dft
-            def is_rank0() -> bool:
-                return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
-
         self.tracker = Tracker(cfg.logger, run_dir=self.run_dir, experiment=cfg.experiment, cell=self.cell,
                                name=f"{cfg.model.name}|{cfg.strategy.name}|{cfg.merge.method}", job_type=cfg.strategy.name,
-                               tags=tags, config=resolved, enabled=is_rank0())
+                               tags=tags, config=resolved, enabled=rank0)
         ok = False
         try:
-            self.print_start(start_path)
+            if rank0:
+                self.print_start(start_path)
             start_id = model_identity(cfg.model, start_path)
             self.start = Artefact(name="start", kind="start", path=start_path, key=canonical_hash({"start": start_id}))
-            self.evaluate(self.start)
+            if rank0:
+                self.evaluate(self.start)
+            self._barrier()
             self.artefacts.append(self.start)
             partner = None
             if merging:
@@ -321,7 +339,9 @@ class Cell:
                     partner = self.start
                 else:
                     partner = Artefact(name="partner", kind="partner", path=partner_path, key=pkey)
-                    self.evaluate(partner)
+                    if rank0:
+                        self.evaluate(partner)
+                    self._barrier()
                     self.artefacts.append(partner)
             parent = self.start
             lineage: dict[str, Any] = {"start": start_id,
@@ -334,18 +354,23 @@ class Cell:
                     "data": self.data_identity(STAGE_SPLIT[stage])}]}
                 art = self.train_or_reuse(stage, parent, rows[STAGE_SPLIT[stage]], lineage)
                 last = i == len(cfg.strategy.chain) - 1
-                if cfg.eval.stages or last:
+                if rank0 and (cfg.eval.stages or last):
                     self.evaluate(art)
                 self.artefacts.append(art)
                 if partner is not None and (cfg.merge.at == "each" or last):
-                    m = self.merge(art, partner)
-                    self.evaluate(m)
-                    self.artefacts.append(m)
-                    merges.append(m)
+                    if rank0:
+                        m = self.merge(art, partner)
+                        self.evaluate(m)
+                        self.artefacts.append(m)
+                        merges.append(m)
+                self._barrier()
                 parent = art
             if merging and not cfg.strategy.chain:
                 log.warning("merge.method=%s with strategy=none: nothing was trained, so nothing is merged",
                             cfg.merge.method)
+            if not rank0:
+                ok = True
+                return None
             summary = self.summary(merges, partner)
             write_json(summary_path, summary)
             if self.tracker:
@@ -358,6 +383,30 @@ class Cell:
         finally:
             if self.tracker:
                 self.tracker.finish(exit_code=0 if ok else 1)
+            destroy_process_group()
+
+    # ------------------------------------------------------------------ multi-process helpers
+    def _backend(self) -> Optional[str]:
+        import torch.distributed as td
+
+        return td.get_backend() if td.is_available() and td.is_initialized() else None
+
+    def _barrier(self) -> None:
+        """Wait for every rank (no-op for a single process)."""
+        import torch.distributed as td
+
+        if td.is_available() and td.is_initialized():
+            td.barrier()
+
+    def _from_rank0(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank, so all ranks take the same branch."""
+        import torch.distributed as td
+
+        if not (td.is_available() and td.is_initialized()):
+            return value
+        box = [value]
+        td.broadcast_object_list(box, src=0)
+        return box[0]
 
     def summary(self, merges: list[Artefact], partner: Optional[Artefact]) -> dict:
         from dft.merging import synergy
@@ -421,17 +470,17 @@ class Cell:
         for ln in lines:
             log.info(ln)
 
-    def print_plan(self, rows: dict) -> None:
-        cfg = self.cfg
-        log.info("dry run: cell %s/%s, chain %s, merge %s; data rows %s; benchmarks %s", cfg.experiment, self.cell,
-                 list(cfg.strategy.chain), cfg.merge.method, {k: len(v) for k, v in rows.items()},
-                 {b: len(v) for b, v in self.benchmarks.items()})
-        for stage in cfg.strategy.chain:
-            from dft.stages import build_trl_config
+    def print_plan(self) -> None:
+        """``dry_run=true``: check the data, every TRL config and the mergekit config, compute the
+        lineage key of every stage, merge and evaluation, say which are cached and estimate the
+        GPU-hours (:mod:`dft.plan`); print it and write ``<sweep dir>/.plan/<cell>.json``. Nothing
+        trains, no weights load."""
+        from dft.plan import format_cell, make_plan, write_plan
 
-            build_trl_config(stage, _container(cfg.strategy[stage].trainer), output_dir=str(self.run_dir / "dry"),
-                             device=self.device, peft_cfg=cfg.peft, model_cfg=cfg.model, report_to="none", seed=cfg.seed)
-        log.info("dry run: every TRL config builds")
+        plan = make_plan(self)
+        path = write_plan(plan, self.run_dir)
+        print(format_cell(plan), flush=True)
+        log.info("dry run: every TRL config builds; plan written to %s", path)
 
 
 def print_table(summary: dict) -> None:

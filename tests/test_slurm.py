@@ -458,8 +458,6 @@ def test_submitit_local_grid_without_slurm(tmp_path):
 
 
 @pytest.mark.slurm
-@pytest.mark.xfail(reason="needs dft.pipeline to start DDP (dft.distributed.init_process_group) and write "
-                          "meta.json 'distributed'; asked of the dft.train owner", strict=False)
 def test_two_task_job_trains_ddp_with_gloo(slurm: LocalSlurm, tmp_path):
     """launcher.tasks_per_node=2: one cell, two processes, a few DDP steps over gloo, one summary."""
     p = _multirun(TINY + _slurm_args(slurm, tasks_per_node=2, timeout_min=30) + ["experiment=ddp"], tmp_path)

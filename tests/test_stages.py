@@ -134,3 +134,22 @@ def test_packed_documents_do_not_attend_across_boundaries(tiny_model):
         leaky = model(input_ids=torch.cat([a, b])[None]).logits[0, len(a):]
     assert torch.allclose(alone, packed, atol=1e-5)
     assert not torch.allclose(alone, leaky, atol=1e-3)
+
+
+def test_qlora_trains_on_cpu_and_saves_an_unquantised_model(tiny_model, tmp_path, caplog):
+    """peft=qlora: 4-bit NF4 base through bitsandbytes (CPU works, slowly); the saved artefact is
+    the adapter merged into the unquantised base, a plain fp32 folder."""
+    import json
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="dft.modeling"):
+        _, facts, out = _train("sft", tiny_model, tmp_path, peft="qlora", steps=2)
+    assert math.isfinite(facts["train_loss"])
+    assert any("no faster than full precision" in r.message for r in caplog.records)
+    cfg = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in cfg
+    w = _weights(out)
+    assert all(t.dtype == torch.float32 for t in w.values())
+    before = _weights(tiny_model)
+    changed = {k for k in before if not torch.equal(before[k], w[k])}
+    assert changed and all(any(f".{t}." in k for t in LORA_TARGETS) for k in changed)

@@ -87,19 +87,31 @@ def test_a_new_cell_reuses_the_shared_prefix(tiny_chain, tiny_model):
 
 
 def test_multirun_gives_two_cells_and_two_wandb_runs(tmp_path, tiny_model):
-    run_train(["-m", "strategy=dpo,orpo", "merge=none", "eval=none", "model=tiny", "data=tiny",
-               "strategy.dpo.trainer.max_steps=1", "strategy.orpo.trainer.max_steps=1", "experiment=mr"], tmp_path)
+    """Two cells in one process: two W&B runs, each with its own config and tags (no cell logs
+    into another's run), and no secret from the environment in any file under the sweep."""
+    secrets = {"WANDB_API_KEY": "sekret-wandb-0123456789abcdef0123456789abcdef01234567",
+               "HF_TOKEN": "hf_sekretTOKEN0123456789"}
+    run_train(["-m", "strategy=dpo,orpo", "merge=none", "eval=none", "model=tiny", "data=tiny", "logger.mode=offline",
+               "strategy.dpo.trainer.max_steps=1", "strategy.orpo.trainer.max_steps=1", "experiment=mr"], tmp_path,
+              env=secrets)
     cells = sorted(d.name for d in (tmp_path / "mr").iterdir() if (d / "summary.json").exists())
     assert cells == ["data=tiny,eval=none,merge=none,model=tiny,strategy.dpo.trainer.max_steps=1,"
                      "strategy.orpo.trainer.max_steps=1,strategy=dpo",
                      "data=tiny,eval=none,merge=none,model=tiny,strategy.dpo.trainer.max_steps=1,"
                      "strategy.orpo.trainer.max_steps=1,strategy=orpo"]
     ids = set()
-    for c in cells:
+    for c, mine, other in zip(cells, ["dpo", "orpo"], ["orpo", "dpo"]):
         runs = list((tmp_path / "mr" / c / "wandb").glob("offline-run-*"))
         assert len(runs) == 1
         ids.add(runs[0].name.rsplit("-", 1)[1])
+        blob = next(runs[0].glob("run-*.wandb")).read_bytes()
+        assert f"strategy:{mine}".encode() in blob and f"strategy:{other}".encode() not in blob
     assert len(ids) == 2
+    for f in tmp_path.rglob("*"):
+        if f.is_file():
+            data = f.read_bytes()
+            for v in secrets.values():
+                assert v.encode() not in data, f"secret found in {f}"
 
 
 @pytest.mark.parametrize("args,message", [

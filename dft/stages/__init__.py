@@ -107,11 +107,13 @@ def train_stage(
     device: str,
     report_to: str,
     seed: int,
+    save: bool = True,
 ) -> dict:
     """Train one stage from ``start_path`` and save a plain HF model folder at ``out_dir``.
 
     ``work_dir`` holds TRL checkpoints (resumed from the newest after a preemption); ``out_dir``
-    is written atomically (a ``.tmp`` sibling renamed into place). Returns training facts:
+    is written atomically (a ``.tmp`` sibling renamed into place); in a multi-process (DDP) job
+    every rank trains and only the rank with ``save=True`` writes it. Returns training facts:
     ``train_loss``, ``runtime_s``, ``steps``, ``trainable_params``, ``total_params``,
     ``log_history`` (TRL's list of logged dicts).
     """
@@ -147,10 +149,11 @@ def train_stage(
     loss = float(result.training_loss)
     if not math.isfinite(loss):
         raise DftError(f"stage {kind}: training loss is {loss} (diverged); lower strategy.{kind}.trainer.learning_rate")
-    tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_merged(trainer.model, start_path, model_cfg, tmp, tok)
-    os.replace(tmp, out_dir)
+    if save:
+        tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_merged(trainer.model, start_path, model_cfg, tmp, tok)
+        os.replace(tmp, out_dir)
     facts = {
         "train_loss": loss,
         "runtime_s": runtime,

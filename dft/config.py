@@ -205,6 +205,16 @@ class TrainConfig:
     device: str = "auto"  #: ``auto`` | ``cpu`` | ``cuda``
 
 
+def plain(node: Any) -> Any:
+    """An OmegaConf ``DictConfig``/``ListConfig`` as plain, resolved dicts and lists (libraries
+    such as TRL and mergekit want those); anything else is returned unchanged."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(node, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(node, resolve=True)
+    return node
+
+
 def register_configs() -> None:
     """Register the schema in Hydra's ConfigStore (called by ``dft.train`` before composing)."""
     from hydra.core.config_store import ConfigStore

@@ -54,7 +54,9 @@ class Artefact:
 
 
 def _container(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    from dft.config import plain
+
+    return plain(node)
 
 
 def model_identity(model_cfg: Any, path: Path) -> dict:

@@ -56,7 +56,7 @@ def test_chat_yaml_composes_with_mcq_eval_by_multiselect(tmp_path):
     try:
         with initialize_config_dir(config_dir=str(tmp_path), version_base=None):
             cfg = compose("main", overrides=["eval=[quick,chat]", "eval.chat.judge.backend=openai"])
-            assert cfg.eval.name == "quick" and cfg.eval.max_items == 24  # the MCQ part is intact
+            assert cfg.eval.name == "quick" and cfg.eval.max_items == 20  # the MCQ part is intact
             assert cfg.eval.chat.sampling.top_k == 512 and cfg.eval.chat.judge.backend == "openai"
             assert chat.resolve_chat_config(cfg.eval.chat)["judge"]["backend"] == "openai"
             assert compose("main").eval.chat is None  # without `chat` nothing changes

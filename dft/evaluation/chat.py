@@ -91,14 +91,9 @@ def _notice_once(msg: str) -> None:
 
 def _plain(obj: Any) -> Any:
     """DictConfig/ListConfig -> plain containers (resolved); anything else unchanged."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
+    from dft.config import plain
 
-        if isinstance(obj, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    return obj
+    return plain(obj)
 
 
 def _merge(defaults: dict, given: dict, where: str) -> dict:

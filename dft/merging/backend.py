@@ -54,14 +54,9 @@ def _field(cfg: Any, key: str, default: Any = None) -> Any:
 
 def _plain(value: Any) -> Any:
     """OmegaConf containers -> plain Python (mergekit's pydantic models want lists and dicts)."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
+    from dft.config import plain
 
-        if isinstance(value, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    return value
+    return plain(value)
 
 
 def _ref(path: str) -> str:

@@ -9,7 +9,7 @@ family's system-message policy (:func:`dft.families.apply_system_policy`) is app
 
 from __future__ import annotations
 
-from dft.families import apply_system_policy
+from dft.families import to_prompt_completion
 
 
 def trainer_classes():
@@ -17,12 +17,6 @@ def trainer_classes():
     from trl import SFTConfig, SFTTrainer
 
     return SFTConfig, SFTTrainer
-
-
-def to_prompt_completion(messages: list[dict], model_cfg) -> dict:
-    """One conversation -> ``{"prompt": [turns...], "completion": [last assistant turn]}``."""
-    msgs = apply_system_policy(messages, model_cfg)
-    return {"prompt": msgs[:-1], "completion": [msgs[-1]]}
 
 
 def build_dataset(rows: list[dict], tokenizer, model_cfg):

@@ -1,0 +1,485 @@
+"""Dry-run plans: what each cell would train, what the stage cache already holds, what the rest costs.
+
+``python -m dft.train -m grid=paper_all dry_run=true`` composes every cell of the grid. Each cell
+(:meth:`dft.pipeline.Cell.print_plan` -> :func:`make_plan`) checks its data, builds every stage's
+TRL config and the mergekit config, computes the lineage key of every stage, merge and
+evaluation exactly as the training path does (:func:`chain_lineages`, tested against the keys a
+real run records), and writes ``<sweep dir>/.plan/<cell>.json``. Nothing trains and no weights are
+loaded (model *configs* are read; the embedded model is converted once if it never was; hub models
+are looked up in the local cache only, never downloaded). After the sweep, :class:`PlanCallback`
+(``hydra.callbacks.dft_plan`` in ``conf/train.yaml``) prints one table for the grid: every cell,
+the distinct stages (deduplicated by lineage key) the grid needs, those already cached, and the
+GPU-hours of the rest. ``python -m dft.plan runs/<experiment>`` prints the table again.
+
+Cost model (every number it uses is in the plan JSON; the assumptions are ``plan.*`` keys)::
+
+    GPU-hours = k * N * tokens / (plan.gpu_peak_tflops * 1e12 * plan.mfu) / 3600
+
+* ``N`` = ``model.params_b`` * 1e9 (counted from the local ``config.json`` if params_b is 0).
+* ``k`` = FLOPs per parameter and token: 2 (forward) + 2 (backward through the activations)
+  + 2 (weight gradients: full fine-tuning only; LoRA's adapters, <1 % of N, are neglected)
+  + 2 with gradient checkpointing (the forward again; on by default on GPUs, dft.stages)
+  + 2 for DPO (the reference model's forward every step; ORPO has no reference). So full 6,
+  LoRA 4, LoRA + checkpointing 6, LoRA + checkpointing + DPO 8. Attention's length-dependent
+  FLOPs (12 * layers * d_model * L per token: ~8 % of 6N for a 7B model at L = 2048) are
+  neglected, well inside the uncertainty of the MFU.
+* ``tokens`` = steps * B * T. B = per_device_train_batch_size * gradient_accumulation_steps *
+  launcher.tasks_per_node (data-parallel processes). T = max_length for packed stages (full
+  blocks), else the mean row length in tokens (characters / ``plan.chars_per_token``, no
+  tokenizer is loaded) capped at max_length; a DPO/ORPO row is two sequences (chosen, rejected).
+  steps = max_steps, or when max_steps <= 0, ceil(num_train_epochs * examples / B) with
+  examples = rows (unpacked) or data tokens / max_length (packed). The upper bound
+  steps * B * max_length is recorded as ``tokens_max``.
+* Values the YAML leaves out are TRL's defaults, read from the TRL config object that was built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+try:
+    from hydra.experimental.callback import Callback as _Callback
+except ImportError:  # pragma: no cover - hydra is a dependency
+    _Callback = object  # type: ignore[misc,assignment]
+
+#: folder of the sweep directory that holds one plan JSON per cell
+PLAN_DIR = ".plan"
+#: file (in PLAN_DIR) the callback writes the grid's aggregate to
+GRID_FILE = "_grid.json"
+FORMULA = "GPU-h = k*N*tokens / (peak*MFU) / 3600; k = 2 fwd + 2 bwd + 2 weight grads (full only) + 2 (grad ckpt) + 2 (DPO reference)"
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
+
+
+# ------------------------------------------------------------------------------- lineage keys
+# These mirror dft.pipeline.Cell.run/merge/evaluate value for value, with the pipeline's own
+# ``_container`` (so that a key here is the key training writes: tests/test_grid.py checks it).
+def start_lineage(cfg: Any, start_id: dict) -> dict:
+    """The lineage every stage of the cell extends (start model, model fields, seed)."""
+    from dft.pipeline import MODEL_LINEAGE_KEYS, _container
+
+    return {"start": start_id, "model": {k: _container(cfg.model[k]) for k in MODEL_LINEAGE_KEYS},
+            "seed": cfg.seed, "stages": []}
+
+
+def chain_lineages(cfg: Any, start_id: dict, data_identity) -> list[tuple[str, str, dict]]:
+    """``[(stage, artefact name, lineage), ...]`` of the chain, as :meth:`Cell.run` builds them.
+
+    ``data_identity(split)`` is :meth:`Cell.data_identity`. A stage's key is
+    ``canonical_hash(lineage)``.
+    """
+    from dft.config import STAGE_SPLIT
+    from dft.pipeline import _container
+
+    lineage = start_lineage(cfg, start_id)
+    out, name = [], None
+    for stage in cfg.strategy.chain:
+        lineage = {**lineage, "stages": lineage["stages"] + [{
+            "kind": stage, "config": _container(cfg.strategy[stage]), "peft": _container(cfg.peft),
+            "data": data_identity(STAGE_SPLIT[stage])}]}
+        name = stage if name is None else f"{name}_{stage}"
+        out.append((stage, name, lineage))
+    return out
+
+
+def merge_lineage(cfg: Any, model_key: str, partner_key: str) -> dict:
+    """Lineage of a merge (as :meth:`Cell.merge`): the merged artefact's and partner's keys, merge config."""
+    from dft.pipeline import _container
+
+    return {"model": model_key, "partner": partner_key,
+            "merge": {k: v for k, v in _container(cfg.merge).items() if k != "at"}}
+
+
+def eval_key(cell: Any, art_key: str) -> Optional[str]:
+    """Key of the evaluation cache entry of an artefact (as :meth:`Cell.evaluate`); None: no evaluation."""
+    from dft.pipeline import _container
+    from dft.runs import canonical_hash
+
+    cfg = cell.cfg
+    if not cfg.eval.benchmarks and not cfg.eval.perplexity and not cfg.eval.chat:
+        return None
+    ev = _container(cfg.eval)
+    return canonical_hash({"artefact": art_key, "eval": {k: v for k, v in ev.items() if k != "name"},
+                           "benchmarks": {b: cell.data_identity_eval(b) for b in cfg.eval.benchmarks},
+                           "heldout": cell.data_identity("heldout_text") if cfg.eval.perplexity else None})
+
+
+# ------------------------------------------------------------------------------- weights
+@contextlib.contextmanager
+def _offline() -> Iterator[None]:
+    """Look up hub models in the local cache only (a dry run never downloads weights)."""
+    old = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old
+
+
+def locate_weights(model_cfg: Any, cache_dir: str, which: str = "model") -> tuple[Optional[Path], Optional[str]]:
+    """``(path, None)`` where the weights are on this machine, else ``(None, why)``; never downloads."""
+    from dft import DftError
+    from dft.modeling import resolve_model_path
+
+    with _offline():
+        try:
+            return resolve_model_path(model_cfg, cache_dir, which=which), None
+        except DftError as e:
+            return None, str(e)
+
+
+def _provisional_identity(model_cfg: Any, which: str = "model") -> dict:
+    """Identity of weights that are not here: the same fields as model_identity, weights unknown."""
+    if which == "partner":
+        return {"hub_id": model_cfg.partner, "path": model_cfg.partner_path, "embedded": False, "weights": None}
+    return {"hub_id": model_cfg.hub_id, "path": model_cfg.path, "embedded": model_cfg.embedded, "weights": None}
+
+
+def _param_count(cfg: Any, start_path: Optional[Path]) -> Optional[float]:
+    if cfg.model.params_b:
+        return float(cfg.model.params_b) * 1e9
+    if start_path is not None:
+        try:
+            from transformers import AutoConfig
+
+            from dft.memory import count_parameters
+
+            return float(count_parameters(AutoConfig.from_pretrained(start_path))["total"])
+        except Exception:  # noqa: BLE001 - an unknown architecture: no estimate
+            return None
+    return None
+
+
+# ------------------------------------------------------------------------------- cost
+def _row_lengths(stage: str, row: dict, cpt: float) -> list[float]:
+    """Estimated tokens of the sequences one row becomes (characters / chars-per-token)."""
+    if stage == "cpt":
+        return [len(row.get("text", "")) / cpt]
+    if stage == "sft":
+        return [sum(len(m.get("content") or "") for m in row.get("messages", [])) / cpt]
+    p = len(row.get("prompt", "") or "")
+    return [(p + len(row.get("chosen", "") or "")) / cpt, (p + len(row.get("rejected", "") or "")) / cpt]
+
+
+def estimate_stage(stage: str, args: Any, rows: list[dict], cfg: Any, n_params: Optional[float]) -> dict:
+    """Steps, tokens and GPU-hours of one stage (see the module docstring for the formula).
+
+    ``args`` is the TRL config object built from the YAML (so TRL's defaults apply to what the
+    YAML leaves out).
+    """
+    pc = cfg.plan
+    world = max(1, int(cfg.launcher.tasks_per_node or 1))
+    batch = int(args.per_device_train_batch_size) * int(args.gradient_accumulation_steps) * world
+    L = int(getattr(args, "max_length", None) or cfg.model.max_length)
+    packed = stage in ("cpt", "sft") and bool(getattr(args, "packing", False))
+    seqs = [min(L, n) for r in rows for n in _row_lengths(stage, r, float(pc.chars_per_token))]
+    per_row = 2 if stage in ("dpo", "orpo") else 1
+    data_tokens = sum(n for r in rows for n in _row_lengths(stage, r, float(pc.chars_per_token)))
+    if packed:
+        examples = max(1, math.ceil(data_tokens / L))
+        seq_tokens = float(L)
+    else:
+        examples = len(rows)
+        seq_tokens = (sum(seqs) / len(seqs)) if seqs else 0.0
+    steps = int(args.max_steps) if args.max_steps and args.max_steps > 0 else \
+        math.ceil(float(args.num_train_epochs) * examples / batch)
+    tokens = steps * batch * per_row * seq_tokens
+    full = cfg.peft.method == "full"
+    trainer = _plain(cfg.strategy[stage].trainer) or {}
+    gc = trainer.get("gradient_checkpointing")
+    if gc is None:
+        gc = cfg.peft.gradient_checkpointing
+    if gc is None:
+        gc = True  # dft.stages.hardware_overrides: on by default on CUDA
+    k = 4 + (2 if full else 0) + (2 if gc else 0) + (2 if stage == "dpo" else 0)
+    flops = k * n_params * tokens if n_params else None
+    peak = float(pc.gpu_peak_tflops) * 1e12 * float(pc.mfu)
+    return {"steps": steps, "batch": batch, "max_length": L, "packed": packed, "rows": len(rows),
+            "data_tokens": round(data_tokens), "seq_tokens": round(seq_tokens, 1), "tokens": round(tokens),
+            "tokens_max": steps * batch * per_row * L, "k": k, "gradient_checkpointing": bool(gc),
+            "params": n_params, "flops": flops, "gpu_hours": (flops / peak / 3600) if flops else None}
+
+
+# ------------------------------------------------------------------------------- the cell's plan
+def make_plan(cell: Any) -> dict:
+    """Validate a cell's configs and return its plan (see the module docstring); trains nothing."""
+    from dft.config import STAGE_SPLIT, validate
+    from dft.pipeline import model_identity
+    from dft.runs import canonical_hash, read_json
+    from dft.stages import build_trl_config
+
+    cfg = cell.cfg
+    validate(cfg)
+    rows = cell.check_inputs()
+    missing = []
+    start_path, why = locate_weights(cfg.model, cfg.paths.cache)
+    if start_path is None:
+        missing.append(f"start: {why}")
+        start_id = _provisional_identity(cfg.model)
+    else:
+        start_id = model_identity(cfg.model, start_path)
+    start_key = canonical_hash({"start": start_id})
+    merging = cfg.merge.method != "none"
+    partner_path, partner_key = None, start_key
+    if merging:
+        partner_path, why = locate_weights(cfg.model, cfg.paths.cache, which="partner")
+        if partner_path is None:
+            missing.append(f"partner: {why}")
+            pid = _provisional_identity(cfg.model, "partner")
+        else:
+            pid = model_identity(cfg.model, partner_path) if partner_path != start_path else start_id
+        partner_key = canonical_hash({"start": pid})
+    provisional = bool(missing)
+    n_params = _param_count(cfg, start_path)
+    cache = cell.cache
+
+    def cached(key: str) -> Optional[bool]:
+        return None if provisional else cache.is_complete(key)
+
+    def eval_entry(name: str, key: str) -> Optional[dict]:
+        ek = eval_key(cell, key)
+        if ek is None:
+            return None
+        done = None if provisional else read_json(cache.root / "_eval" / ek / "metrics.json") is not None
+        return {"artefact": name, "key": ek, "cached": done}
+
+    evals = [eval_entry("start", start_key)]
+    if merging and partner_key != start_key:
+        evals.append(eval_entry("partner", partner_key))
+    stages, merges = [], []
+    chain = chain_lineages(cfg, start_id, cell.data_identity)
+    mergekit_ok = None
+    for i, (stage, name, lineage) in enumerate(chain):
+        key = canonical_hash(lineage)
+        sc = cfg.strategy[stage]
+        args = build_trl_config(stage, _plain(sc.trainer), output_dir=str(cell.run_dir / "dry"), device=cell.device,
+                                peft_cfg=cfg.peft, model_cfg=cfg.model, report_to="none", seed=cfg.seed)
+        use = rows[STAGE_SPLIT[stage]]
+        use = use[: sc.max_samples] if sc.max_samples else use
+        stages.append({"artefact": name, "kind": stage, "key": key, "cached": cached(key),
+                       "trl_config": type(args).__name__, **estimate_stage(stage, args, use, cfg, n_params)})
+        last = i == len(chain) - 1
+        if cfg.eval.stages or last:
+            evals.append(eval_entry(name, key))
+        if merging and (cfg.merge.at == "each" or last):
+            from dft.merging import build_merge_config
+
+            final = cache.entry(key) / "final"
+            partner_ref = str(partner_path) if partner_path else str(cfg.model.partner or cfg.model.hub_id)
+            build_merge_config(cfg.merge, str(final), partner_ref)  # raises DftError naming the problem
+            if mergekit_ok is None and start_path is not None and partner_path is not None and partner_path != start_path:
+                from dft.merging import check_compatible
+
+                check_compatible(str(start_path), str(partner_path))  # configs only
+            mergekit_ok = True
+            mkey = canonical_hash(merge_lineage(cfg, key, partner_key))
+            mname = f"{name}+{cfg.merge.method}"
+            merges.append({"artefact": mname, "key": mkey, "cached": cached(mkey), "method": cfg.merge.method,
+                           "parents": [name, "start" if partner_key == start_key else "partner"]})
+            evals.append(eval_entry(mname, mkey))
+    gh = [s["gpu_hours"] for s in stages]
+    known = all(g is not None for g in gh)
+    return {
+        "version": 1, "experiment": cfg.experiment, "cell": cell.cell, "run_dir": str(cell.run_dir),
+        "written_at": time.time(), "model": cfg.model.name, "family": cfg.model.family, "start": cfg.model.start,
+        "strategy": cfg.strategy.name, "chain": list(cfg.strategy.chain), "merge": cfg.merge.method,
+        "merge_at": cfg.merge.at, "peft": cfg.peft.method, "data": cfg.data.name, "eval": cfg.eval.name,
+        "device": cell.device,
+        "weights": {"start": str(start_path) if start_path else None,
+                    "partner": str(partner_path) if partner_path else None, "missing": missing},
+        "keys_provisional": provisional, "start_key": start_key,
+        "rows": {k: len(v) for k, v in rows.items()},
+        "stages": stages, "merges": merges, "evals": [e for e in evals if e],
+        "mergekit_config": "valid" if mergekit_ok else None,
+        "assumptions": {"gpu_peak_tflops": float(cfg.plan.gpu_peak_tflops), "mfu": float(cfg.plan.mfu),
+                        "chars_per_token": float(cfg.plan.chars_per_token),
+                        "world_size": max(1, int(cfg.launcher.tasks_per_node or 1)), "formula": FORMULA},
+        "gpu_hours": {"chain": sum(gh) if known else None,
+                      "to_train": sum(s["gpu_hours"] for s in stages if not s["cached"]) if known else None},
+    }
+
+
+def write_plan(plan: dict, run_dir: Path) -> Path:
+    """``<sweep dir>/.plan/<cell>.json`` (the sweep dir is the run dir's parent, run or multirun)."""
+    from dft.runs import write_json
+
+    path = Path(run_dir).parent / PLAN_DIR / f"{plan['cell']}.json"
+    write_json(path, plan)
+    return path
+
+
+# ------------------------------------------------------------------------------- printing
+def _gh(v: Optional[float]) -> str:
+    if v is None:
+        return "?"
+    if v == 0:
+        return "0"
+    return f"{v:.3g}" if v >= 0.01 else f"{v:.2e}"
+
+
+def _yn(v: Optional[bool]) -> str:
+    return "?" if v is None else ("yes" if v else "no")
+
+
+def format_cell(plan: dict) -> str:
+    """The plan of one cell as text (printed by the dry run)."""
+    a = plan["assumptions"]
+    lines = [f"dry run {plan['experiment']}/{plan['cell']}: model={plan['model']} ({plan['start']}) "
+             f"chain={' -> '.join(plan['chain']) or 'none'} merge={plan['merge']} peft={plan['peft']}",
+             f"  weights: {plan['weights']['start'] or 'NOT HERE'}"
+             + (f"; partner {plan['weights']['partner']}" if plan['weights']['partner'] not in (None, plan['weights']['start']) else "")]
+    for m in plan["weights"]["missing"]:
+        lines.append(f"  ! {m} (keys are provisional, cache status unknown)")
+    head = f"  {'artefact':<22} {'key':<16} {'cached':>6} {'steps':>7} {'batch':>5} {'tokens':>12} {'k':>2} {'GPU-h':>9}"
+    lines += [head, "  " + "-" * (len(head) - 2)]
+    for s in plan["stages"]:
+        lines.append(f"  {s['artefact']:<22} {s['key']:<16} {_yn(s['cached']):>6} {s['steps']:>7} {s['batch']:>5} "
+                     f"{s['tokens']:>12,} {s['k']:>2} {_gh(s['gpu_hours']):>9}")
+    for m in plan["merges"]:
+        lines.append(f"  {m['artefact']:<22} {m['key']:<16} {_yn(m['cached']):>6}  (mergekit {m['method']}, config valid)")
+    ev = plan["evals"]
+    lines.append(f"  evaluations: {len(ev)} ({sum(1 for e in ev if e['cached'])} cached); every TRL config builds "
+                 f"({', '.join(sorted({s['trl_config'] for s in plan['stages']})) or 'no stage'})")
+    lines.append(f"  GPU-hours to train: {_gh(plan['gpu_hours']['to_train'])} (whole chain {_gh(plan['gpu_hours']['chain'])}); "
+                 f"peak {a['gpu_peak_tflops']:g} TFLOP/s x MFU {a['mfu']:g}, {a['world_size']} GPU(s) per stage")
+    return "\n".join(lines)
+
+
+def load_plans(sweep_dir: Path) -> list[dict]:
+    """Every cell plan under ``<sweep_dir>/.plan/`` (sorted by cell)."""
+    from dft.runs import read_json
+
+    plans = [read_json(p) for p in sorted((Path(sweep_dir) / PLAN_DIR).glob("*.json")) if p.name != GRID_FILE]
+    return sorted((p for p in plans if isinstance(p, dict) and "stages" in p), key=lambda p: p["cell"])
+
+
+def summarise(plans: list[dict]) -> dict:
+    """The grid's aggregate: distinct stages/merges/evaluations by key, cached ones, GPU-hours."""
+    stages: dict[str, dict] = {}
+    for p in plans:
+        for s in p["stages"]:
+            d = stages.setdefault(s["key"], {"key": s["key"], "artefact": s["artefact"], "model": p["model"],
+                                             "kind": s["kind"], "tokens": s["tokens"], "gpu_hours": s["gpu_hours"],
+                                             "cached": s["cached"], "cells": 0})
+            d["cells"] += 1
+            if s["cached"]:
+                d["cached"] = True
+    merges = {m["key"]: m for p in plans for m in p["merges"]}
+    evals = {e["key"]: e for p in plans for e in p["evals"]}
+    gh = [s["gpu_hours"] for s in stages.values()]
+    known = all(g is not None for g in gh)
+    return {
+        "cells": len(plans),
+        "stage_runs_per_cell": sum(len(p["stages"]) for p in plans),
+        "distinct_stages": len(stages),
+        "cached_stages": sum(1 for s in stages.values() if s["cached"]),
+        "stages_to_train": sum(1 for s in stages.values() if not s["cached"]),
+        "distinct_merges": len(merges), "merges_to_run": sum(1 for m in merges.values() if not m["cached"]),
+        "distinct_evals": len(evals), "evals_to_run": sum(1 for e in evals.values() if not e["cached"]),
+        "gpu_hours_to_train": sum(s["gpu_hours"] for s in stages.values() if not s["cached"]) if known else None,
+        "gpu_hours_all": sum(gh) if known else None,
+        "provisional_cells": sum(1 for p in plans if p.get("keys_provisional")),
+        "assumptions": plans[0]["assumptions"] if plans else None,
+        "stages": sorted(stages.values(), key=lambda s: (s["model"], s["artefact"], s["key"])),
+    }
+
+
+def format_grid(summary: dict, plans: list[dict], where: str = "") -> str:
+    """The grid's table: one row per cell, one per distinct stage, and the totals."""
+    out = [f"\ndry-run plan{(' of ' + where) if where else ''}: {summary['cells']} cells"]
+    head = f"{'model':<26} {'start':<8} {'chain':<20} {'merge':<8} {'stages new/cached':>17} {'GPU-h new':>10}"
+    out += [head, "-" * len(head)]
+    for p in plans:
+        new = sum(1 for s in p["stages"] if not s["cached"])
+        counts = f"{new}/{len(p['stages']) - new}"
+        chain = "->".join(p["chain"]) or "none"
+        out.append(f"{p['model']:<26} {p['start']:<8} {chain:<20} {p['merge']:<8} "
+                   f"{counts:>17} {_gh(p['gpu_hours']['to_train']):>10}")
+    out.append("")
+    head = f"{'distinct stage':<22} {'model':<26} {'key':<16} {'cells':>5} {'cached':>6} {'tokens':>12} {'GPU-h':>9}"
+    out += [head, "-" * len(head)]
+    for s in summary["stages"]:
+        out.append(f"{s['artefact']:<22} {s['model']:<26} {s['key']:<16} {s['cells']:>5} {_yn(s['cached']):>6} "
+                   f"{s['tokens']:>12,} {_gh(s['gpu_hours']):>9}")
+    a = summary["assumptions"] or {}
+    out += ["",
+            f"distinct stages: {summary['distinct_stages']} ({summary['stages_to_train']} to train, "
+            f"{summary['cached_stages']} cached); a grid without the stage cache would train {summary['stage_runs_per_cell']}",
+            f"merges: {summary['distinct_merges']} distinct ({summary['merges_to_run']} to run); evaluations: "
+            f"{summary['distinct_evals']} distinct ({summary['evals_to_run']} to run)",
+            f"GPU-hours to train: {_gh(summary['gpu_hours_to_train'])} (all distinct stages {_gh(summary['gpu_hours_all'])}); "
+            f"peak {a.get('gpu_peak_tflops', '?')} TFLOP/s x MFU {a.get('mfu', '?')} (plan.gpu_peak_tflops, plan.mfu)",
+            f"  {FORMULA}"]
+    if summary["provisional_cells"]:
+        out.append(f"! {summary['provisional_cells']} cell(s) have no weights on this machine: their keys are "
+                   "provisional and their cache status unknown ('?')")
+    return "\n".join(out) + "\n"
+
+
+# ------------------------------------------------------------------------------- Hydra callback
+class PlanCallback(_Callback):  # type: ignore[misc,valid-type]
+    """``hydra.callbacks.dft_plan``: after a ``dry_run=true`` multirun, print the grid's plan.
+
+    At the start of a dry multirun it removes the sweep's old plan files, so the table shows
+    exactly this sweep's cells; each cell writes its own (in this process or in a SLURM job); at
+    the end this reads them, prints the table and writes ``.plan/_grid.json``. Runs without
+    ``dry_run`` are untouched.
+    """
+
+    @staticmethod
+    def _sweep_dir(config: Any) -> Optional[Path]:
+        if not OmegaConf.select(config, "dry_run", default=False):
+            return None
+        try:
+            return Path(str(config.hydra.sweep.dir))
+        except Exception:  # noqa: BLE001 - an unresolvable sweep dir: no table
+            return None
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        sweep = self._sweep_dir(config)
+        if sweep is not None:
+            for p in (sweep / PLAN_DIR).glob("*.json"):
+                p.unlink(missing_ok=True)
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        sweep = self._sweep_dir(config)
+        if sweep is None:
+            return
+        from dft.runs import write_json
+
+        plans = load_plans(sweep)
+        summary = summarise(plans)
+        write_json(sweep / PLAN_DIR / GRID_FILE, summary)
+        print(format_grid(summary, plans, str(sweep)), flush=True)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m dft.plan runs/<experiment>``: the grid table from the cells' plan files."""
+    ap = argparse.ArgumentParser(prog="python -m dft.plan", description=main.__doc__)
+    ap.add_argument("sweep", help="sweep directory (runs/<experiment>) that holds .plan/")
+    ns = ap.parse_args(argv)
+    plans = load_plans(Path(ns.sweep))
+    if not plans:
+        print(f"error: no plans under {Path(ns.sweep) / PLAN_DIR} (run: python -m dft.train -m ... dry_run=true)",
+              file=sys.stderr)
+        return 2
+    print(format_grid(summarise(plans), plans, ns.sweep))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

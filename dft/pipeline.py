@@ -150,6 +150,11 @@ class Cell:
                     self.tracker.table(f"eval_items/{art.name}/{f.stem}", [
                         {k: it.get(k) for k in ("id", "category", "answer", "pred", "pred_ll", "correct", "correct_ll", "output")}
                         for it in rec["items"]])
+            chat = read_json(out_dir / "chat.json")
+            if chat:  # open-ended assessment: one row per turn
+                self.tracker.table(f"chat/{art.name}", [
+                    {"artefact": art.name, "scenario": sc["scenario"], "turn": t["turn"], "user": t["user"],
+                     "assistant": t["assistant"]} for sc in chat.get("scenarios", []) for t in sc.get("turns", [])])
         return done
 
     def data_identity_eval(self, bench: str) -> dict:

@@ -134,3 +134,48 @@ def test_unknown_strategy_is_named(tmp_path):
     p = run_train(["strategy=sfft"], tmp_path, check=False)
     assert p.returncode != 0
     assert "Could not find 'strategy/sfft'" in p.stderr
+
+
+def test_report_and_notebooks_on_the_real_tiny_sweep(tiny_chain, tmp_path, monkeypatch):
+    """dft.report and both notebooks on the sweep the tiny model just produced (not a fixture):
+    valid PNGs, and the results table's numbers equal the summary files'."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from dft.report import parse_markdown_tables
+
+    runs, _ = tiny_chain
+    sweep = runs / "e2e"
+    out = tmp_path / "report"
+    p = subprocess.run([sys.executable, "-m", "dft.report", str(sweep), "--out", str(out), "--no-progress"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    pngs = sorted(out.glob("*.png"))
+    assert {"synergy.png", "training_loss.png"} <= {f.name for f in pngs}
+    for f in pngs:
+        data = f.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000, f
+    summaries = {json.loads(f.read_text())["cell"]: json.loads(f.read_text()) for f in sweep.glob("*/summary.json")}
+    table = next(t for t in parse_markdown_tables((out / "report.md").read_text())
+                 if {"artefact", "cell", "mascqa/acc_ll"} <= set(t.columns))
+    checked = 0
+    for _, row in table.iterrows():
+        s = summaries[row["cell"]]
+        art = next(a for a in s["artefacts"] if a["name"] == row["artefact"])
+        for metric in ("mascqa/acc_ll", "ppl"):
+            assert float(row[metric]) == pytest.approx(art["metrics"][metric], abs=5e-5)
+            checked += 1
+    assert checked >= 10
+
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    monkeypatch.setenv("DFT_SWEEP", str(sweep))
+    monkeypatch.setenv("DFT_SWEEP_B", str(sweep))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    for nb_path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        nb = nbformat.read(nb_path, as_version=4)
+        nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                                resources={"metadata": {"path": str(tmp_path)}}).execute()
+        errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+        assert not errors, nb_path.name

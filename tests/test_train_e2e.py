@@ -179,3 +179,15 @@ def test_report_and_notebooks_on_the_real_tiny_sweep(tiny_chain, tmp_path, monke
                                 resources={"metadata": {"path": str(tmp_path)}}).execute()
         errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
         assert not errors, nb_path.name
+
+
+def test_chat_eval_runs_inside_the_cell(tmp_path, tiny_model):
+    """eval=[quick,chat]: MCQ metrics and a transcript per artefact from the same cell."""
+    run_train(["model=tiny", "data=tiny", "strategy=none", "merge=none", "eval=[quick,chat]", "eval.max_items=2",
+               "eval.chat.sampling.max_new_tokens=3", "eval.ppl_max_tokens=200", "experiment=chat"], tmp_path)
+    cell = next((tmp_path / "chat").glob("*/summary.json")).parent
+    chat = json.loads((cell / "eval" / "start" / "chat.json").read_text())
+    assert chat["artefact"] == "start" and chat["scenarios"]
+    assert all(t["assistant"] is not None for sc in chat["scenarios"] for t in sc["turns"])
+    s = json.loads((cell / "summary.json").read_text())
+    assert "mascqa/acc_ll" in s["artefacts"][0]["metrics"]

@@ -178,7 +178,8 @@ def test_load_wandb_offline_is_a_clear_error(monkeypatch):
         A.load_wandb("dft")
 
 
-def test_load_wandb_with_a_fake_api():
+def test_load_wandb_with_a_fake_api(monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # tests run offline; this one reads a fake API
     class Run:  # what dft.tracking logs: the resolved Hydra config, flat eval/* summary keys
         group, job_type, name, state = "grid", "cpt_sft", "m|cpt_sft|none", "finished"
         config = {"experiment": "grid", "model": {"name": "m", "family": "f", "start": "instruct"},

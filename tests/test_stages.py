@@ -121,17 +121,19 @@ def test_sft_trains_on_assistant_tokens_only(tiny_model):
 
 def test_packed_documents_do_not_attend_across_boundaries(tiny_model):
     """Packed CPT rows carry restarting position_ids; the logits of a document packed after another
-    equal its logits alone (no cross-document attention), as TRL's bfd packing relies on."""
+    equal its logits alone (no cross-document attention), as TRL's bfd packing relies on.
+    transformers builds the block-diagonal mask from position_ids only without a KV cache, which is
+    how TRL's SFTTrainer calls the model (``use_cache=False``)."""
     from dft.modeling import load_model
 
     cfg = compose(["model=tiny"])
     model = load_model(tiny_model, cfg.model).eval()
     a, b = torch.arange(5, 17), torch.arange(100, 109)
     with torch.no_grad():
-        alone = model(input_ids=b[None]).logits[0]
-        packed = model(input_ids=torch.cat([a, b])[None],
+        alone = model(input_ids=b[None], use_cache=False).logits[0]
+        packed = model(input_ids=torch.cat([a, b])[None], use_cache=False,
                        position_ids=torch.cat([torch.arange(len(a)), torch.arange(len(b))])[None]).logits[0, len(a):]
-        leaky = model(input_ids=torch.cat([a, b])[None]).logits[0, len(a):]
+        leaky = model(input_ids=torch.cat([a, b])[None], use_cache=False).logits[0, len(a):]
     assert torch.allclose(alone, packed, atol=1e-5)
     assert not torch.allclose(alone, leaky, atol=1e-3)
 

@@ -482,12 +482,9 @@ class Cell:
         lineage key of every stage, merge and evaluation, say which are cached and estimate the
         GPU-hours (:mod:`dft.plan`); print it and write ``<sweep dir>/.plan/<cell>.json``. Nothing
         trains, no weights load."""
-        from dft.plan import format_cell, make_plan, write_plan
+        from dft.plan import dry_run
 
-        plan = make_plan(self)
-        path = write_plan(plan, self.run_dir)
-        print(format_cell(plan), flush=True)
-        log.info("dry run: every TRL config builds; plan written to %s", path)
+        dry_run(self)
 
 
 def print_table(summary: dict) -> None:

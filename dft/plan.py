@@ -44,7 +44,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import OmegaConf
+
+from dft.config import plain
 
 try:
     from hydra.experimental.callback import Callback as _Callback
@@ -56,10 +58,6 @@ PLAN_DIR = ".plan"
 #: file (in PLAN_DIR) the callback writes the grid's aggregate to
 GRID_FILE = "_grid.json"
 FORMULA = "GPU-h = k*N*tokens / (peak*MFU) / 3600; k = 2 fwd + 2 bwd + 2 weight grads (full only) + 2 (grad ckpt) + 2 (DPO reference)"
-
-
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
 
 
 # ------------------------------------------------------------------------------- lineage keys
@@ -199,7 +197,7 @@ def estimate_stage(stage: str, args: Any, rows: list[dict], cfg: Any, n_params: 
         math.ceil(float(args.num_train_epochs) * examples / batch)
     tokens = steps * batch * per_row * seq_tokens
     full = cfg.peft.method == "full"
-    trainer = _plain(cfg.strategy[stage].trainer) or {}
+    trainer = plain(cfg.strategy[stage].trainer) or {}
     gc = trainer.get("gradient_checkpointing")
     if gc is None:
         gc = cfg.peft.gradient_checkpointing
@@ -266,7 +264,7 @@ def make_plan(cell: Any) -> dict:
     for i, (stage, name, lineage) in enumerate(chain):
         key = canonical_hash(lineage)
         sc = cfg.strategy[stage]
-        args = build_trl_config(stage, _plain(sc.trainer), output_dir=str(cell.run_dir / "dry"), device=cell.device,
+        args = build_trl_config(stage, plain(sc.trainer), output_dir=str(cell.run_dir / "dry"), device=cell.device,
                                 peft_cfg=cfg.peft, model_cfg=cfg.model, report_to="none", seed=cfg.seed)
         use = rows[STAGE_SPLIT[stage]]
         use = use[: sc.max_samples] if sc.max_samples else use
@@ -311,6 +309,43 @@ def make_plan(cell: Any) -> dict:
         "gpu_hours": {"chain": sum(gh) if known else None,
                       "to_train": sum(s["gpu_hours"] for s in stages if not s["cached"]) if known else None},
     }
+
+
+def _in_multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    except Exception:  # noqa: BLE001 - outside Hydra: a single run
+        return False
+
+
+def dry_run(cell: Any) -> Path:
+    """What ``dry_run=true`` does in a cell (:meth:`Cell.print_plan`): plan, write, print.
+
+    A config error (a TRL key, a mergekit parameter, a missing data split) in a single run ends it
+    with the usual one-line error. In a multirun the cell records the error in its plan file and
+    the sweep goes on, so :class:`PlanCallback` lists every broken cell at once and then exits
+    with status 2.
+    """
+    import logging
+
+    from dft import DftError
+
+    try:
+        plan = make_plan(cell)
+    except DftError as e:
+        if not _in_multirun():
+            raise
+        path = write_plan({"version": 1, "experiment": cell.cfg.experiment, "cell": cell.cell,
+                           "written_at": time.time(), "error": str(e)}, cell.run_dir)
+        print(f"error: dry run of {cell.cell}: {e}", file=sys.stderr, flush=True)
+        return path
+    path = write_plan(plan, cell.run_dir)
+    print(format_cell(plan), flush=True)
+    logging.getLogger("dft").info("dry run: every TRL config builds; plan written to %s", path)
+    return path
 
 
 def write_plan(plan: dict, run_dir: Path) -> Path:
@@ -364,11 +399,17 @@ def load_plans(sweep_dir: Path) -> list[dict]:
     from dft.runs import read_json
 
     plans = [read_json(p) for p in sorted((Path(sweep_dir) / PLAN_DIR).glob("*.json")) if p.name != GRID_FILE]
-    return sorted((p for p in plans if isinstance(p, dict) and "stages" in p), key=lambda p: p["cell"])
+    return sorted((p for p in plans if isinstance(p, dict) and ("stages" in p or "error" in p)), key=lambda p: p["cell"])
+
+
+def _split(plans: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(valid plans, plans that record a config error)."""
+    return [p for p in plans if "error" not in p], [p for p in plans if "error" in p]
 
 
 def summarise(plans: list[dict]) -> dict:
     """The grid's aggregate: distinct stages/merges/evaluations by key, cached ones, GPU-hours."""
+    plans, errors = _split(plans)
     stages: dict[str, dict] = {}
     for p in plans:
         for s in p["stages"]:
@@ -383,7 +424,7 @@ def summarise(plans: list[dict]) -> dict:
     gh = [s["gpu_hours"] for s in stages.values()]
     known = all(g is not None for g in gh)
     return {
-        "cells": len(plans),
+        "cells": len(plans) + len(errors),
         "stage_runs_per_cell": sum(len(p["stages"]) for p in plans),
         "distinct_stages": len(stages),
         "cached_stages": sum(1 for s in stages.values() if s["cached"]),
@@ -393,6 +434,7 @@ def summarise(plans: list[dict]) -> dict:
         "gpu_hours_to_train": sum(s["gpu_hours"] for s in stages.values() if not s["cached"]) if known else None,
         "gpu_hours_all": sum(gh) if known else None,
         "provisional_cells": sum(1 for p in plans if p.get("keys_provisional")),
+        "errors": {p["cell"]: p["error"] for p in errors},
         "assumptions": plans[0]["assumptions"] if plans else None,
         "stages": sorted(stages.values(), key=lambda s: (s["model"], s["artefact"], s["key"])),
     }
@@ -400,6 +442,7 @@ def summarise(plans: list[dict]) -> dict:
 
 def format_grid(summary: dict, plans: list[dict], where: str = "") -> str:
     """The grid's table: one row per cell, one per distinct stage, and the totals."""
+    plans, _ = _split(plans)
     out = [f"\ndry-run plan{(' of ' + where) if where else ''}: {summary['cells']} cells"]
     head = f"{'model':<26} {'start':<8} {'chain':<20} {'merge':<8} {'stages new/cached':>17} {'GPU-h new':>10}"
     out += [head, "-" * len(head)]
@@ -424,6 +467,8 @@ def format_grid(summary: dict, plans: list[dict], where: str = "") -> str:
             f"GPU-hours to train: {_gh(summary['gpu_hours_to_train'])} (all distinct stages {_gh(summary['gpu_hours_all'])}); "
             f"peak {a.get('gpu_peak_tflops', '?')} TFLOP/s x MFU {a.get('mfu', '?')} (plan.gpu_peak_tflops, plan.mfu)",
             f"  {FORMULA}"]
+    for cell, err in summary["errors"].items():
+        out.append(f"! error in cell {cell}: {err}")
     if summary["provisional_cells"]:
         out.append(f"! {summary['provisional_cells']} cell(s) have no weights on this machine: their keys are "
                    "provisional and their cache status unknown ('?')")
@@ -451,9 +496,14 @@ class PlanCallback(_Callback):  # type: ignore[misc,valid-type]
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
         sweep = self._sweep_dir(config)
-        if sweep is not None:
-            for p in (sweep / PLAN_DIR).glob("*.json"):
-                p.unlink(missing_ok=True)
+        if sweep is None:
+            return
+        for p in (sweep / PLAN_DIR).glob("*.json"):
+            p.unlink(missing_ok=True)
+        launcher = OmegaConf.select(config, "launcher.name", default="local")
+        if launcher != "local":
+            print(f"warning: dry_run=true with launcher={launcher} submits one job per cell to plan it; "
+                  "a dry run trains nothing and needs no GPU: launcher=local plans the grid here", file=sys.stderr)
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         sweep = self._sweep_dir(config)
@@ -465,6 +515,10 @@ class PlanCallback(_Callback):  # type: ignore[misc,valid-type]
         summary = summarise(plans)
         write_json(sweep / PLAN_DIR / GRID_FILE, summary)
         print(format_grid(summary, plans, str(sweep)), flush=True)
+        if summary["errors"]:
+            print(f"error: {len(summary['errors'])} cell(s) of the grid have invalid configs (listed above)",
+                  file=sys.stderr, flush=True)
+            sys.exit(2)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -477,8 +531,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: no plans under {Path(ns.sweep) / PLAN_DIR} (run: python -m dft.train -m ... dry_run=true)",
               file=sys.stderr)
         return 2
-    print(format_grid(summarise(plans), plans, ns.sweep))
-    return 0
+    summary = summarise(plans)
+    print(format_grid(summary, plans, ns.sweep))
+    return 2 if summary["errors"] else 0
 
 
 if __name__ == "__main__":

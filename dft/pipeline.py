@@ -448,6 +448,7 @@ class Cell:
             "objective": cell_objective(self.artefacts, list(cfg.eval.benchmarks)),
             "cache": dict(self.cache.stats),
             "finished_at": time.time(),
+            "run_dir": str(self.run_dir),
         }
 
     # ------------------------------------------------------------------ printing
@@ -503,7 +504,7 @@ def print_table(summary: dict) -> None:
             cells.append(f"{'':>18}" if v is None else (f"{v:>18.3f}" if k == "ppl" else f"{100 * v:>17.1f}%"))
         print(f"{a['name']:<{w}}  " + "  ".join(cells))
     print(f"(acc: greedy answer, exact-match letter; acc_ll: log-likelihood over option letters; ppl: held-out "
-          f"perplexity, nats->exp, per token)\nsummary: {summary.get('cell')}\n")
+          f"perplexity, nats->exp, per token)\nsummary: {Path(summary.get('run_dir', '.')) / 'summary.json'}\n")
 
 
 def run_cell(cfg: DictConfig, run_dir: Path, cell: str) -> Optional[float]:

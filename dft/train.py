@@ -52,6 +52,8 @@ def register_resolvers() -> None:
 
 register_configs()
 register_resolvers()
+# bitsandbytes warns on every import on CPU that an optional kernel package is missing
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
@@ -64,7 +66,7 @@ def main(cfg: DictConfig) -> Optional[float]:
     try:
         return run_cell(cfg, run_dir, run_dir.name)
     except DftError as e:
-        log.error("%s", e)
+        log.debug("%s", e)  # printed once, as the one line below
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -216,7 +216,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write all results here")
     ap.add_argument("--probe", action="store_true",
                     help="instead: per-token cost of forward+backward in five batch layouts (see probe())")
-    ap.add_argument("--probe-repeats", type=int, default=4)
+    ap.add_argument("--probe-repeats", type=int, default=2, help="timed rounds of the probe (plus one warm-up)")
     ap.add_argument("--child", choices=["dft", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()

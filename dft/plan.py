@@ -26,11 +26,14 @@ Cost model (every number it uses is in the plan JSON; the assumptions are ``plan
 * ``tokens`` = steps * B * T. B = per_device_train_batch_size * gradient_accumulation_steps *
   launcher.tasks_per_node (data-parallel processes). T = max_length for packed stages (full
   blocks), else the mean row length in tokens (characters / ``plan.chars_per_token``, no
-  tokenizer is loaded) capped at max_length; a DPO/ORPO row is two sequences (chosen, rejected).
+  tokenizer is loaded; plus 5 chat-template tokens per turn) capped at max_length; a DPO/ORPO
+  row is two sequences (chosen, rejected).
   steps = max_steps, or when max_steps <= 0, ceil(num_train_epochs * examples / B) with
   examples = rows (unpacked) or data tokens / max_length (packed). The upper bound
   steps * B * max_length is recorded as ``tokens_max``.
 * Values the YAML leaves out are TRL's defaults, read from the TRL config object that was built.
+* Not in the estimate: evaluation (generation is memory-bound, not FLOP-bound), merging (seconds
+  of I/O), model loading and saving.
 """
 
 from __future__ import annotations
@@ -163,14 +166,21 @@ def _param_count(cfg: Any, start_path: Optional[Path]) -> Optional[float]:
 
 
 # ------------------------------------------------------------------------------- cost
+#: chat-template tokens around one turn (ChatML "<|im_start|>role\n ... <|im_end|>\n" and the Llama 3.1
+#: header + <|eot_id|> are both 5; Mistral's [INST] ... [/INST] fewer)
+TEMPLATE_TOKENS_PER_TURN = 5
+
+
 def _row_lengths(stage: str, row: dict, cpt: float) -> list[float]:
-    """Estimated tokens of the sequences one row becomes (characters / chars-per-token)."""
+    """Estimated tokens of the sequences one row becomes (characters / chars-per-token + template)."""
     if stage == "cpt":
         return [len(row.get("text", "")) / cpt]
     if stage == "sft":
-        return [sum(len(m.get("content") or "") for m in row.get("messages", [])) / cpt]
+        msgs = row.get("messages", [])
+        return [sum(len(m.get("content") or "") for m in msgs) / cpt + TEMPLATE_TOKENS_PER_TURN * len(msgs)]
     p = len(row.get("prompt", "") or "")
-    return [(p + len(row.get("chosen", "") or "")) / cpt, (p + len(row.get("rejected", "") or "")) / cpt]
+    t = 2 * TEMPLATE_TOKENS_PER_TURN  # the prompt's turn and the response's
+    return [(p + len(row.get("chosen", "") or "")) / cpt + t, (p + len(row.get("rejected", "") or "")) / cpt + t]
 
 
 def estimate_stage(stage: str, args: Any, rows: list[dict], cfg: Any, n_params: Optional[float]) -> dict:
@@ -465,7 +475,8 @@ def format_grid(summary: dict, plans: list[dict], where: str = "") -> str:
             f"merges: {summary['distinct_merges']} distinct ({summary['merges_to_run']} to run); evaluations: "
             f"{summary['distinct_evals']} distinct ({summary['evals_to_run']} to run)",
             f"GPU-hours to train: {_gh(summary['gpu_hours_to_train'])} (all distinct stages {_gh(summary['gpu_hours_all'])}); "
-            f"peak {a.get('gpu_peak_tflops', '?')} TFLOP/s x MFU {a.get('mfu', '?')} (plan.gpu_peak_tflops, plan.mfu)",
+            f"peak {a.get('gpu_peak_tflops', '?')} TFLOP/s x MFU {a.get('mfu', '?')} (plan.gpu_peak_tflops, plan.mfu); "
+            "training only (evaluation, merging and I/O not included)",
             f"  {FORMULA}"]
     for cell, err in summary["errors"].items():
         out.append(f"! error in cell {cell}: {err}")

@@ -130,3 +130,17 @@ def test_embedded_model_quick_eval_is_deterministic_and_above_zero(embedded_mode
     assert 0.0 <= a["acc"] <= 1.0 and 0.0 <= a["acc_ll"] <= 1.0
     assert a["items"] == b["items"]
     assert any(r["pred"] is not None for r in a["items"]), [r["output"] for r in a["items"]]
+
+
+def test_loglik_only_path_scores_the_last_position(tiny_model):
+    """generate=False: one forward pass keeping only the last position's logits."""
+    from dft.evaluation.mcq import evaluate_mcq
+    from dft.modeling import generation_eos_ids
+
+    cfg, tok, model = _rigged(tiny_model, "B")
+    items = [{"id": str(i), "question": f"Q{i}?", "options": OPTS, "answer": "B" if i else "D", "category": "x"}
+             for i in range(3)]
+    rec = evaluate_mcq(model, tok, cfg.model, items, eos_ids=generation_eos_ids(tok, cfg.model), generate=False,
+                       progress=False)
+    assert [r["pred_ll"] for r in rec["items"]] == ["B", "B", "B"]
+    assert rec["acc_ll"] == pytest.approx(2 / 3) and rec["acc"] is None

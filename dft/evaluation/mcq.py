@@ -149,7 +149,8 @@ def evaluate_mcq(model, tokenizer, model_cfg: Any, items: list[dict], *, eos_ids
             first_logits = gen.logits[0]
         if loglik:
             if first_logits is None:
-                first_logits = model(**enc).logits[:, -1, :]
+                # only the last position's logits are needed (bench/mcq_bench.py: ~1.25x faster)
+                first_logits = model(**enc, logits_to_keep=1).logits[:, -1, :]
             logp = torch.log_softmax(first_logits.float(), dim=-1)
             for i, it in enumerate(chunk):
                 ids = letter_token_ids(tokenizer, len(it["options"]))

@@ -5,11 +5,14 @@
 
 Without ``--model`` a random-weight model of SmolLM2-135M's shape (30 layers, hidden 576, vocab
 49152, tied embeddings; ~0.54 GB fp32) is generated; without ``--other`` the second checkpoint is
-the first plus 1 % Gaussian noise per tensor (a stand-in for a fine-tuned model). Both are cached
+the first plus 1 % Gaussian noise per tensor (a stand-in for a fine-tuned model), sharded like the
+first. The random model is saved in shards of `conf/model/smollm2_135m.yaml`'s `max_shard_size`, as
+dft saves that model's artefacts (`--shard-size` to change). Both are cached
 under ``--workdir`` (default ``bench/out/merge``, gitignored).
 
-Each merge runs in its own process (the two alternate, one warm-up round first, untimed), so
-peak RSS (``ru_maxrss`` from ``os.wait4``) is that merge's own. Reported per side: median wall
+Each merge runs in its own process (the two alternate, one warm-up round first, untimed), started
+by a bare launcher interpreter, so peak RSS (``ru_maxrss`` from ``os.wait4``) is that merge's own
+(see ``LAUNCHER``). Reported per side: median wall
 time of the process (imports included), for dft also the median time of the ``merge_models``
 call alone, peak RSS; then whether the two outputs are tensor-for-tensor equal, and the I/O lower
 bound: bytes read + written divided by sequential throughput measured here on the same disk
@@ -64,23 +67,27 @@ def _nbytes(files) -> int:
     return sum(f.stat().st_size for f in files)
 
 
-def make_random_model(out: Path) -> Path:
-    """A random model of SmolLM2-135M's shape with a WordLevel tokenizer of the same vocab size."""
-    if (out / "model.safetensors").is_file():
+def make_random_model(out: Path, shard_size: str) -> Path:
+    """A random model of SmolLM2-135M's shape with a WordLevel tokenizer of the same vocab size,
+    saved in safetensors shards of at most ``shard_size`` (as dft saves its artefacts)."""
+    stamp = out / "random_model.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == {"shard_size": shard_size}:
         return out
+    shutil.rmtree(out, ignore_errors=True)
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     print(f"generating a random SmolLM2-135M-shaped model in {out} ...", flush=True)
     cfg = LlamaConfig(**SMOLLM2_135M)
     torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(out)
+    LlamaForCausalLM(cfg).save_pretrained(out, max_shard_size=shard_size)
     words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(cfg.vocab_size - 3)]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(
         out
     )
+    stamp.write_text(json.dumps({"shard_size": shard_size}))
     return out
 
 
@@ -113,18 +120,35 @@ def make_perturbed(src: Path, out: Path, scale: float = 0.01, seed: int = 1) -> 
 
 
 # ----------------------------------------------------------------------------- measuring
+#: Runs the measured command as its own child and reports that child's rusage. On Linux a process's
+#: ``ru_maxrss`` keeps the high-water mark of the address space it had before ``exec``: a child forked
+#: straight from this bench (torch imported, ~0.7 GB) would inherit that as a floor. This launcher is a
+#: bare interpreter (~10 MB), so the peak it reports is the merge's own.
+LAUNCHER = """
+import json, os, sys, time
+cmd, result, log = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+t0 = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1); os.dup2(fd, 2)
+    os.execv(cmd[0], cmd)
+_, status, ru = os.wait4(pid, 0)
+wall = time.perf_counter() - t0
+with open(result, "w") as fh:
+    json.dump({"rc": os.waitstatus_to_exitcode(status), "wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime,
+               "peak_rss_mb": ru.ru_maxrss / 1024}, fh)
+"""
+
+
 def run_measured(cmd: list[str], log: Path) -> dict:
-    """Run ``cmd``; its wall time, CPU time (user + sys) and peak RSS (of this child only)."""
-    with open(log, "w") as fh:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(cmd[:3])} ... failed (rc={proc.returncode}); see {log}:\n{log.read_text()[-3000:]}")
-    cpu = usage.ru_utime + usage.ru_stime  # robust to other users' load, unlike wall time
-    return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": usage.ru_maxrss / 1024, "log": log}
+    """Run ``cmd`` through :data:`LAUNCHER`; its wall time, CPU time (user + sys) and peak RSS."""
+    result = log.with_suffix(".rusage.json")
+    subprocess.run([PY, "-c", LAUNCHER, json.dumps(cmd), str(result), str(log)], cwd=ROOT, check=True)
+    r = json.loads(result.read_text())
+    if r.pop("rc") != 0:
+        sys.exit(f"{' '.join(cmd[:3])} ... failed; see {log}:\n{log.read_text()[-3000:]}")
+    return {**r, "log": log}  # CPU time is robust to other users' load, unlike wall time
 
 
 DFT_CHILD = """
@@ -137,6 +161,9 @@ cfg = json.loads(sys.argv[1])
 info = merge_models(cfg, sys.argv[2], sys.argv[3], sys.argv[4])
 print("DFT_RESULT " + json.dumps({"import_s": t1 - t0, "merge_s": info["seconds"]}))
 """
+
+
+IMPORT_CHILD = "from dft.merging import merge_models\nimport mergekit.merge\n"
 
 
 def throughput(workdir: Path, nbytes: int) -> dict:
@@ -191,6 +218,9 @@ def main(argv=None) -> None:
     ap.add_argument("--merge", default="slerp", help="conf/merge/<name>.yaml to use (default slerp)")
     ap.add_argument("-n", "--repeats", type=int, default=3, help="timed rounds (median reported)")
     ap.add_argument("--workdir", type=Path, default=ROOT / "bench" / "out" / "merge")
+    ap.add_argument("--shard-size", default=None,
+                    help="shard size of the generated random model (default: conf/model/smollm2_135m.yaml's "
+                         "max_shard_size, as dft saves that model's artefacts)")
     args = ap.parse_args(argv)
 
     from omegaconf import OmegaConf
@@ -200,7 +230,8 @@ def main(argv=None) -> None:
 
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    model = (args.model or make_random_model(work / "model")).resolve()
+    shard_size = args.shard_size or OmegaConf.load(ROOT / "conf" / "model" / "smollm2_135m.yaml").max_shard_size
+    model = (args.model or make_random_model(work / "model", shard_size)).resolve()
     other = (args.other or make_perturbed(model, work / "other")).resolve()
     merge_cfg = OmegaConf.merge(OmegaConf.structured(MergeConfig), OmegaConf.load(ROOT / "conf" / "merge" / f"{args.merge}.yaml"))
     cfg_json = json.dumps(OmegaConf.to_container(merge_cfg))
@@ -214,9 +245,13 @@ def main(argv=None) -> None:
         "dft": [PY, "-c", DFT_CHILD, cfg_json, str(other), str(model), str(out_dft)],
         # the options dft sets through MergeOptions, given as CLI flags
         "cli": [MERGEKIT_YAML_CLI, str(mk_yaml), str(out_cli), "--no-cuda", "--lazy-unpickle", "--low-cpu-memory",
-                "--no-write-model-card", "--random-seed", "0", "--quiet"],
+                "--no-write-model-card", "--random-seed", "0", "--quiet",
+                "--out-shard-size", str(max(f.stat().st_size for f in _weights(model) + _weights(other)))],
     }
-    print(f"model: {model}\nother: {other}\nconfig: conf/merge/{args.merge}.yaml -> {mk_yaml}")
+    print(f"model: {model} ({len(_weights(model))} shards, largest {max(f.stat().st_size for f in _weights(model)) / 1e6:.0f} MB)"
+          f"\nother: {other} ({len(_weights(other))} shards)\nconfig: conf/merge/{args.merge}.yaml -> {mk_yaml}")
+    base = run_measured([PY, "-c", IMPORT_CHILD], logs / "imports.log")
+    print(f"a process that only imports dft.merging + mergekit: peak RSS {base['peak_rss_mb']:.0f} MB")
     print(f"torch threads: {torch.get_num_threads()}, cpus: {os.cpu_count()}, rounds: 1 warm-up + {args.repeats}")
 
     runs = {"dft": [], "cli": []}
@@ -263,6 +298,9 @@ def main(argv=None) -> None:
     print(f"CLI peak RSS / dft peak RSS      {c_rss / d_rss:6.2f}x")
     print(f"dft merge_models / I/O bound     {d_merge / lb_cold:6.2f}x cold, {d_merge / lb_warm:6.2f}x warm")
     print(f"CLI wall / I/O bound             {c_wall / lb_cold:6.2f}x cold, {c_wall / lb_warm:6.2f}x warm")
+    one = _nbytes(_weights(model)) * mb
+    print(f"peak RSS / one input model       dft {d_rss / one:.2f}x, CLI {c_rss / one:.2f}x   (goal dft <= 1.5x; "
+          f"imports alone {base['peak_rss_mb'] / one:.2f}x)")
     print(f"peak RSS / output size           dft {d_rss / (write_b * mb):.2f}x, CLI {c_rss / (write_b * mb):.2f}x")
 
 

@@ -50,6 +50,9 @@ class ModelConfig:
     dtype: str = "auto"  #: ``auto`` (bf16 on CUDA, fp32 on CPU) | ``float32`` | ``bfloat16`` | ``float16``
     max_length: int = 512  #: tokens per training sequence (packed block length for CPT)
     params_b: float = 0.0  #: parameter count in billions (memory and GPU-hour estimates)
+    #: largest safetensors shard a saved artefact is split into (transformers' ``max_shard_size``);
+    #: a merge holds about three shards at once (one per input, one output), so this sets its memory
+    max_shard_size: str = "5GB"
 
 
 @dataclass
@@ -220,20 +223,9 @@ def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
+    # one schema for the whole tree (conf/train.yaml's first default): it types every group's node,
+    # so no per-group ``*_schema`` entries, which --help would list as if they were options
     cs.store(name="train_schema", node=TrainConfig)
-    for group, node in [
-        ("model", ModelConfig),
-        ("data", DataConfig),
-        ("strategy", StrategyConfig),
-        ("peft", PeftConfig),
-        ("merge", MergeConfig),
-        ("eval", EvalConfig),
-        ("logger", LoggerConfig),
-        ("launcher", LauncherConfig),
-        ("paths", PathsConfig),
-    ]:
-        cs.store(group=group, name=f"{group}_schema", node=node)
-    cs.store(group="stage", name="stage_schema", node=StageConfig)
 
 
 def _choice(key: str, value: Any, allowed) -> None:

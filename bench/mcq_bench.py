@@ -1,7 +1,7 @@
 """Side by side: MCQ log-likelihood scoring through dft vs lm-evaluation-harness, same items.
 
     .venv/bin/python bench/mcq_bench.py [--bench anatomy_mcq] [-n 100] [--batch-size 16] [--repeats 2]
-                                        [--no-variant] [--json FILE]
+                                        [--json FILE]
 
 Needs the PyPI package ``lm-eval`` (0.4.13 measured here; ``pip install lm-eval``).
 
@@ -10,8 +10,8 @@ with the embedded SmolLM2-135M-Instruct (fp32, CPU), batch size ``--batch-size``
 
 * **dft**: ``dft.evaluation.mcq.evaluate_mcq(..., generate=False, loglik=True)``: the paper's
   prompt in the chat template with the assistant turn pre-filled with "The correct answer is:",
-  one forward pass per item, prediction = the option letter token (" A", " B", ...) with the
-  highest log-probability at the next position;
+  one forward pass per item asking for the last position's logits only (``logits_to_keep=1``),
+  prediction = the option letter token (" A", " B", ...) with the highest log-probability there;
 * **lm-eval**: a local YAML task written to a temp dir (``output_type: multiple_choice``,
   ``doc_to_text: prompt`` (a docs column) where ``prompt`` is dft's rendered prompt, stored in the docs
   file, so both sides see the same string; ``doc_to_choice`` the letters " A", " B", ... with
@@ -26,11 +26,6 @@ scoring call with the model already loaded (``evaluate_mcq``; ``simple_evaluate`
 builds the task and reads its docs), median over repeats. Both accuracies are printed with the
 number of items whose predictions differ (goal: within one item per hundred) and the
 lm-eval/dft time ratio (goal: dft no slower, ratio >= 1).
-
-Unless ``--no-variant``, the dft process also times a variant that asks the model for the
-last position's logits only (``logits_to_keep=1``, a standard transformers argument):
-``evaluate_mcq`` needs nothing else, but as written it has the LM head compute logits at every
-prompt position. Reported as evidence for a possible speed-up, not as dft's number.
 """
 
 from __future__ import annotations
@@ -80,28 +75,11 @@ def child_dft(args, cfg) -> dict:
     eos = generation_eos_ids(tok, cfg.model)
     run = functools.partial(evaluate_mcq, model, tok, cfg.model, items, eos_ids=eos, generate=False, loglik=True,
                             batch_size=args.batch_size, progress=False)
-    plain_forward = model.forward
     out: dict = {"load_s": load_s}
-
-    def shipped():
-        t0 = time.perf_counter()
-        rec = run()
-        out.update(eval_s=time.perf_counter() - t0, acc=rec["acc_ll"], n=rec["n"], items=rec["items"],
-                   preds={r["id"]: r["pred_ll"] for r in rec["items"]})
-
-    def variant():
-        model.forward = functools.partial(plain_forward, logits_to_keep=1)
-        t0 = time.perf_counter()
-        rec = run()
-        out.update(variant_eval_s=time.perf_counter() - t0, variant_items=rec["items"])
-        model.forward = plain_forward
-
-    # the variant runs second on even repeats, first on odd ones: neither always gets the warm start
-    for f in ([shipped, variant] if args.repeat % 2 == 0 else [variant, shipped]) if args.variant else [shipped]:
-        f()
-    if args.variant:
-        out["variant_same_preds"] = sum(a["pred_ll"] == b["pred_ll"] for a, b in zip(out["items"], out.pop("variant_items")))
-    out.pop("items")
+    t0 = time.perf_counter()
+    rec = run()
+    out.update(eval_s=time.perf_counter() - t0, acc=rec["acc_ll"], n=rec["n"],
+               preds={r["id"]: r["pred_ll"] for r in rec["items"]})
     out["eval_peak_rss_mb"] = self_maxrss_mb()
     return out
 
@@ -193,7 +171,6 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=100, help="first N items")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2, help="processes per side, alternating order")
-    ap.add_argument("--no-variant", dest="variant", action="store_false", help="skip the logits_to_keep=1 variant")
     ap.add_argument("--workdir", type=Path, default=OUT / "mcq")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--child", choices=["dft", "lmeval"], help=argparse.SUPPRESS)
@@ -212,15 +189,14 @@ def main() -> None:
     print(f"model {path.name}, benchmark {args.bench}: first {len(items)} items, batch size {args.batch_size}, "
           f"{args.repeats} repeat(s)\n")
     common = [__file__, "--bench", args.bench, "-n", str(args.n), "--batch-size", str(args.batch_size),
-              "--workdir", str(args.workdir)] + ([] if args.variant else ["--no-variant"])
+              "--workdir", str(args.workdir)]
     runs: dict[str, list[dict]] = {"dft": [], "lmeval": []}
     for r in range(args.repeats):
         for side in (("dft", "lmeval") if r % 2 == 0 else ("lmeval", "dft")):
             res = run_child(common + ["--child", side, "--repeat", str(r), "--result", str(args.workdir / f"{side}.json")],
                             args.workdir / f"{side}.json", args.workdir / f"{side}-{r}.log")
             runs[side].append(res)
-            extra = (f", logits_to_keep=1 variant {res['variant_eval_s']:.1f} s" if "variant_eval_s" in res else
-                     f", of which loglikelihood {res['loglikelihood_s']:.1f} s" if "loglikelihood_s" in res else "")
+            extra = f", of which loglikelihood {res['loglikelihood_s']:.1f} s" if "loglikelihood_s" in res else ""
             print(f"  repeat {r + 1} {side:>6}: acc {res['acc']:.3f}, eval {res['eval_s']:.1f} s{extra}, load "
                   f"{res['load_s']:.1f} s, process {res['process_wall_s']:.0f} s, peak RSS "
                   f"{res['process_peak_rss_mb']:.0f} MB", flush=True)
@@ -233,9 +209,6 @@ def main() -> None:
              m(d, "process_peak_rss_mb")],
             [f"lm-eval {e[0]['lm_eval_version']} HFLM multiple_choice", f"{e[0]['acc']:.3f}", m(e, "eval_s"),
              m(e, "load_s"), m(e, "process_wall_s"), m(e, "process_peak_rss_mb")]]
-    if "variant_eval_s" in d[0]:
-        rows.append(["dft + logits_to_keep=1 (variant)", "same preds" if all(x["variant_same_preds"] == x["n"] for x in d)
-                     else "PREDS DIFFER", m(d, "variant_eval_s"), "", "", ""])
     print()
     print(table(rows, ["side", "acc", "eval s (median)", "load s", "process s", "process peak RSS MB"]))
     ratios = [b["eval_s"] / a["eval_s"] for a, b in zip(d, e)]
@@ -245,9 +218,6 @@ def main() -> None:
     print(f"time lm-eval / dft: {median(ratios):.2f}x (per repeat: {', '.join(f'{x:.2f}' for x in ratios)}); "
           f"lm-eval's loglikelihood call alone: {m(e, 'loglikelihood_s') / m(d, 'eval_s'):.2f}x dft's eval; "
           f"goal dft no slower -> {'MET' if median(ratios) >= 1 else 'NOT met'}")
-    if "variant_eval_s" in d[0]:
-        print(f"dft with logits_to_keep=1: {median([x['eval_s'] / x['variant_eval_s'] for x in d]):.2f}x faster than "
-              f"dft as shipped (same process, same items)")
     if args.json:
         args.json.write_text(json.dumps(runs, indent=1, default=str))
 

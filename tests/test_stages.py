@@ -155,3 +155,39 @@ def test_qlora_trains_on_cpu_and_saves_an_unquantised_model(tiny_model, tmp_path
     before = _weights(tiny_model)
     changed = {k for k in before if not torch.equal(before[k], w[k])}
     assert changed and all(any(f".{t}." in k for t in LORA_TARGETS) for k in changed)
+
+
+def test_orpo_drops_pairs_whose_prompt_fills_max_length(tiny_model, tmp_path, caplog):
+    """A pair whose prompt alone fills max_length would be truncated to empty completions: ORPO's
+    mean log-probability is then 0/0 and NaN gradients poison every weight (seen on the real
+    LAMM pairs at max_length 256). dft drops such rows, says so, and the weights stay finite."""
+    import logging
+
+    from dft.data import load_split
+    from dft.stages import train_stage
+
+    cfg = compose(["model=tiny", "data=tiny", "strategy=orpo", "peft=lora"])
+    rows = load_split(cfg.data, "preference")[:4]
+    # conf/stage/orpo.yaml sets max_length 256: this prompt alone is longer (300+ tokens)
+    rows = [{**rows[0], "prompt": " ".join(["stress strain modulus"] * 100)}] + rows
+    sc = cfg.strategy.orpo
+    sc.trainer.max_steps, sc.trainer.logging_steps, sc.trainer.learning_rate = 5, 1, 1e-3
+    with caplog.at_level(logging.WARNING, logger="dft.stages"):
+        facts = train_stage(kind="orpo", stage_cfg=sc, rows=rows, start_path=tiny_model, model_cfg=cfg.model,
+                            peft_cfg=cfg.peft, work_dir=tmp_path / "work", out_dir=tmp_path / "final", device="cpu",
+                            report_to="none", seed=0)
+    assert facts["rows_dropped_long_prompt"] == 1 and facts["rows"] == 4
+    assert "stage orpo: dropped 1 of 5 rows whose prompt alone fills max_length=256 tokens" in caplog.text
+    assert all(math.isfinite(e["grad_norm"]) for e in facts["log_history"] if "grad_norm" in e)
+    assert all(torch.isfinite(t).all() for t in _weights(tmp_path / "final").values())
+
+
+def test_diverged_training_is_an_error_not_an_artefact(tiny_model, tmp_path):
+    """A learning rate of 1e30 makes the weights overflow within a few steps; transformers logs the
+    NaN loss as a running mean, so dft checks grad norms and weights, fails naming the stage,
+    and writes no artefact."""
+    from dft import DftError
+
+    with pytest.raises(DftError, match=r"^stage sft: training (loss is nan|diverged)"):
+        _train("sft", tiny_model, tmp_path, steps=6, extra={"learning_rate": 1e30})
+    assert not (tmp_path / "final").exists()

@@ -94,6 +94,56 @@ def last_checkpoint(output_dir: Path) -> str | None:
     return str(cks[-1]) if cks else None
 
 
+def drop_prompts_filling_max_length(dataset, tokenizer, max_length: int | None, kind: str):
+    """Drop prompt-completion / preference rows whose prompt alone fills ``max_length`` tokens
+    (the prompt rendered by the chat template with the generation prompt that opens the assistant
+    turn, as the trainer tokenizes it).
+
+    TRL truncates such a row to its prompt: an SFT row then has no loss token, and a DPO/ORPO
+    pair has empty completions, whose mean log-probability is 0/0. ORPO (``trl.experimental``)
+    turns that into NaN gradients that poison every weight (LoRA included) while
+    ``logging_nan_inf_filter`` logs the loss as 0. Returns ``(dataset, n_dropped)``; the count is
+    logged and recorded in the stage's facts. Rows without a ``prompt`` column pass unchanged.
+    """
+    if not max_length or "prompt" not in dataset.column_names:
+        return dataset, 0
+    texts = [tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+             for prompt in dataset["prompt"]]
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    keep = [i for i, n in enumerate(lengths) if n < max_length]
+    dropped = len(dataset) - len(keep)
+    if dropped:
+        log.warning("stage %s: dropped %d of %d rows whose prompt alone fills max_length=%d tokens "
+                    "(nothing left to train on); raise strategy.%s.trainer.max_length to keep them",
+                    kind, dropped, len(dataset), max_length, kind)
+        dataset = dataset.select(keep)
+    if len(dataset) == 0:
+        raise DftError(f"stage {kind}: every row's prompt fills max_length={max_length}; "
+                       f"raise strategy.{kind}.trainer.max_length")
+    return dataset, dropped
+
+
+def check_finite(trainer, kind: str) -> None:
+    """Raise if training diverged: a non-finite logged loss or grad norm, or a trainable weight
+    that is NaN/inf. (transformers' ``logging_nan_inf_filter`` logs a NaN loss as the running
+    mean, so the final ``training_loss`` alone can look fine.)
+
+    Raises:
+        DftError: naming the first logged step with a non-finite value, or the first bad weight.
+    """
+    import torch
+
+    for entry in trainer.state.log_history:
+        bad = [k for k in ("loss", "grad_norm") if k in entry and not math.isfinite(float(entry[k]))]
+        if bad:
+            raise DftError(f"stage {kind}: training diverged ({bad[0]}={entry[bad[0]]} at step {entry.get('step')}); "
+                           f"lower strategy.{kind}.trainer.learning_rate or check the data")
+    for name, param in trainer.model.named_parameters():
+        if param.requires_grad and not torch.isfinite(param).all():
+            raise DftError(f"stage {kind}: training diverged (non-finite weights in {name}); "
+                           f"lower strategy.{kind}.trainer.learning_rate or check the data")
+
+
 def train_stage(
     *,
     kind: str,
@@ -129,6 +179,7 @@ def train_stage(
     args = build_trl_config(kind, trainer_kwargs, output_dir=str(work_dir), device=device, peft_cfg=peft_cfg,
                             model_cfg=model_cfg, report_to=report_to, seed=seed)
     dataset = mod.build_dataset(rows, tok, model_cfg)
+    dataset, dropped = drop_prompts_filling_max_length(dataset, tok, getattr(args, "max_length", None), kind)
     model = load_model(start_path, model_cfg, device=device, peft_cfg=peft_cfg, for_training=True)
     model.config.pad_token_id = tok.pad_token_id
     _, trainer_cls = mod.trainer_classes()
@@ -149,6 +200,7 @@ def train_stage(
     loss = float(result.training_loss)
     if not math.isfinite(loss):
         raise DftError(f"stage {kind}: training loss is {loss} (diverged); lower strategy.{kind}.trainer.learning_rate")
+    check_finite(trainer, kind)
     if save:
         tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -159,6 +211,7 @@ def train_stage(
         "runtime_s": runtime,
         "steps": int(trainer.state.global_step),
         "rows": len(dataset),
+        "rows_dropped_long_prompt": dropped,
         "trainable_params": trainable,
         "total_params": total,
         "resumed_from": resume,

@@ -31,6 +31,11 @@ from dft.runs import StageCache, canonical_hash, file_digest, link, meta, read_j
 
 log = logging.getLogger("dft")
 
+#: version of how dft turns a split's rows into a stage's training set (part of every stage's lineage,
+#: so a change here retrains cached stages instead of reusing them): 2 = rows whose prompt alone
+#: fills max_length are dropped (dft.stages.drop_prompts_filling_max_length)
+STAGE_PREP_VERSION = 2
+
 #: fields of model config that change how a stage trains (part of every lineage)
 MODEL_LINEAGE_KEYS = ("pad_token", "eos_tokens", "chat_template", "system_policy", "max_length", "dtype")
 
@@ -57,6 +62,14 @@ def _container(node: Any) -> Any:
     from dft.config import plain
 
     return plain(node)
+
+
+def stage_lineage(cfg: Any, stage: str, data_identity) -> dict:
+    """A stage's entry in the lineage (its config, PEFT, data and :data:`STAGE_PREP_VERSION`);
+    ``data_identity(split)`` is :meth:`Cell.data_identity`. Shared with the dry-run plan."""
+
+    return {"kind": stage, "config": _container(cfg.strategy[stage]), "peft": _container(cfg.peft),
+            "data": data_identity(STAGE_SPLIT[stage]), "prep": STAGE_PREP_VERSION}
 
 
 def model_identity(model_cfg: Any, path: Path) -> dict:
@@ -356,9 +369,7 @@ class Cell:
                                        "seed": cfg.seed, "stages": []}
             merges = []
             for i, stage in enumerate(cfg.strategy.chain):
-                lineage = {**lineage, "stages": lineage["stages"] + [{
-                    "kind": stage, "config": _container(cfg.strategy[stage]), "peft": _container(cfg.peft),
-                    "data": self.data_identity(STAGE_SPLIT[stage])}]}
+                lineage = {**lineage, "stages": lineage["stages"] + [stage_lineage(cfg, stage, self.data_identity)]}
                 art = self.train_or_reuse(stage, parent, rows[STAGE_SPLIT[stage]], lineage)
                 last = i == len(cfg.strategy.chain) - 1
                 if rank0 and (cfg.eval.stages or last):

@@ -80,15 +80,12 @@ def chain_lineages(cfg: Any, start_id: dict, data_identity) -> list[tuple[str, s
     ``data_identity(split)`` is :meth:`Cell.data_identity`. A stage's key is
     ``canonical_hash(lineage)``.
     """
-    from dft.config import STAGE_SPLIT
-    from dft.pipeline import _container
+    from dft.pipeline import stage_lineage
 
     lineage = start_lineage(cfg, start_id)
     out, name = [], None
     for stage in cfg.strategy.chain:
-        lineage = {**lineage, "stages": lineage["stages"] + [{
-            "kind": stage, "config": _container(cfg.strategy[stage]), "peft": _container(cfg.peft),
-            "data": data_identity(STAGE_SPLIT[stage])}]}
+        lineage = {**lineage, "stages": lineage["stages"] + [stage_lineage(cfg, stage, data_identity)]}
         name = stage if name is None else f"{name}_{stage}"
         out.append((stage, name, lineage))
     return out

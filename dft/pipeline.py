@@ -67,7 +67,6 @@ def _container(node: Any) -> Any:
 def stage_lineage(cfg: Any, stage: str, data_identity) -> dict:
     """A stage's entry in the lineage (its config, PEFT, data and :data:`STAGE_PREP_VERSION`);
     ``data_identity(split)`` is :meth:`Cell.data_identity`. Shared with the dry-run plan."""
-
     return {"kind": stage, "config": _container(cfg.strategy[stage]), "peft": _container(cfg.peft),
             "data": data_identity(STAGE_SPLIT[stage]), "prep": STAGE_PREP_VERSION}
 

@@ -444,8 +444,8 @@ class Cell:
                     metrics[f"synergy/{m.name}/{metric}/{k}"] = row[k]
         train = {}
         for name, f in self.train_facts.items():
-            train[name] = {k: f.get(k) for k in ("train_loss", "runtime_s", "steps", "rows", "trainable_params",
-                                                 "total_params", "cached", "log_history")}
+            train[name] = {k: f.get(k) for k in ("train_loss", "runtime_s", "steps", "rows", "rows_dropped_long_prompt",
+                                                 "trainable_params", "total_params", "cached", "log_history")}
         return {
             "experiment": cfg.experiment, "cell": self.cell, "model": cfg.model.name, "family": cfg.model.family,
             "start": cfg.model.start, "strategy": cfg.strategy.name, "chain": list(cfg.strategy.chain),

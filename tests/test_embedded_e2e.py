@@ -46,3 +46,17 @@ def test_every_artefact_loads_and_generates(embedded_run):
         out = model.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
         text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
         assert text.strip(), a["name"]
+
+
+def test_artefacts_are_sharded_at_max_shard_size(embedded_run):
+    """conf/model/smollm2_135m.yaml's max_shard_size is 100MB: every full-weight artefact (~0.54 GB
+    fp32) is saved in shards of at most that, so a merge maps one shard per model at a time."""
+    cell, s = embedded_run
+    for a in s["artefacts"][1:]:
+        folder = cell / ("merged" if a["kind"] == "merge" else "stages") / a["name"] / "final"
+        shards = sorted(folder.glob("*.safetensors"))
+        assert (folder / "model.safetensors.index.json").exists() and len(shards) >= 6, (a["name"], shards)
+        # transformers and mergekit both start a new shard before a tensor would pass the limit; a
+        # single tensor larger than the limit (the 113 MB embedding) gets a shard of its own
+        sizes = {f.name: f.stat().st_size for f in shards}
+        assert sorted(sizes.values())[-2] <= 100 * 10**6 + 10**5, (a["name"], sizes)

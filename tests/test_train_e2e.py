@@ -50,15 +50,10 @@ def test_chain_writes_every_artefact_and_a_summary(tiny_chain):
             assert rec["acc_ll"] == a["metrics"][f"{bench}/acc_ll"]
     # the merge lives in merged/ with its mergekit config; stages are linked from the stage cache
     assert (cell / "merged" / "cpt_sft_dpo+slerp" / "final" / "mergekit.yaml").exists()
-    # every full-weight artefact is sharded at model.max_shard_size (100MB for this model), so a
-    # merge maps one shard per model at a time: ~0.54 GB of fp32 weights -> 6 files
-    for folder in [cell / "stages" / st / "final" for st in ("cpt", "cpt_sft", "cpt_sft_dpo")] + [
-            cell / "merged" / "cpt_sft_dpo+slerp" / "final"]:
-        shards = sorted(folder.glob("*.safetensors"))
-        assert (folder / "model.safetensors.index.json").exists() and len(shards) >= 6, folder
-        assert max(f.stat().st_size for f in shards) <= 100 * 10**6 + 10**6, folder  # + safetensors header
     for st in ("cpt", "cpt_sft", "cpt_sft_dpo"):
+        assert (cell / "stages" / st / "final" / "model.safetensors").exists()  # 13 MB: one shard
         assert (cell / "stages" / st / "manifest.json").exists()
+    assert s["train"]["cpt_sft_dpo"]["rows_dropped_long_prompt"] == 0 and s["train"]["cpt_sft_dpo"]["rows"] > 0
     # synergy of the merge against its parents: E = (P1 + P2) / 2 exactly
     syn = {r["metric"]: r for r in s["synergy"]}
     by = {a["name"]: a["metrics"] for a in s["artefacts"]}

@@ -26,7 +26,8 @@ the median wall time and the median CPU time of the process (user + system, from
 ``getrusage(RUSAGE_CHILDREN)``; on a loaded machine CPU time is the steadier number), and the
 ratios uncached / cached.
 
-Measured (2 CPU cores shared with other jobs, load average 5-9, so wall times are inflated;
+Quiet-machine numbers: bench/README.md ("Grid"). Earlier, on a loaded machine
+(2 CPU cores shared with other jobs, load average 5-9, so wall times are inflated;
 ``python bench/grid_bench.py --repeats 3``, model=tiny, 2 steps per stage, 4 items per benchmark):
 
     grid=paper_demo on model=tiny (8 cells), 3 repeats, medians

@@ -255,6 +255,12 @@ def validate(cfg: Any) -> None:
     _choice("merge.at", cfg.merge.at, ("final", "each"))
     _choice("model.start", cfg.model.start, ("base", "instruct"))
     _choice("model.system_policy", cfg.model.system_policy, ("native", "merge_into_user"))
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        convert_file_size_to_int(cfg.model.max_shard_size)
+    except (ValueError, TypeError):
+        raise DftError(f"model.max_shard_size={cfg.model.max_shard_size!r} is not a size like 100MB or 5GB") from None
     _choice("logger.mode", cfg.logger.mode, ("auto", "online", "offline", "disabled"))
     _choice("device", cfg.device, ("auto", "cpu", "cuda"))
     for bench in cfg.eval.benchmarks:

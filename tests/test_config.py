@@ -96,3 +96,12 @@ def test_validate_rejects_a_chain_stage_without_config():
     cfg.strategy.chain = ["cpt", "sft"]
     with pytest.raises(DftError, match=r"^strategy\.sft is missing: strategy 'cpt' lists it in its chain$"):
         validate(cfg)
+
+
+def test_validate_rejects_a_shard_size_that_is_not_a_size():
+    from dft import DftError
+    from dft.config import validate
+
+    validate(compose(["model.max_shard_size=250MB"]))
+    with pytest.raises(DftError, match=r"^model\.max_shard_size='abc' is not a size like 100MB or 5GB$"):
+        validate(compose(["model.max_shard_size=abc"]))

@@ -227,6 +227,7 @@ def main(argv=None) -> None:
 
     from dft.config import MergeConfig
     from dft.merging import build_merge_config
+    from dft.merging.backend import _largest_shard
 
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -246,7 +247,7 @@ def main(argv=None) -> None:
         # the options dft sets through MergeOptions, given as CLI flags
         "cli": [MERGEKIT_YAML_CLI, str(mk_yaml), str(out_cli), "--no-cuda", "--lazy-unpickle", "--low-cpu-memory",
                 "--no-write-model-card", "--random-seed", "0", "--quiet",
-                "--out-shard-size", str(max(f.stat().st_size for f in _weights(model) + _weights(other)))],
+                "--out-shard-size", str(_largest_shard(str(model), str(other)))],  # as merge_models sets it
     }
     print(f"model: {model} ({len(_weights(model))} shards, largest {max(f.stat().st_size for f in _weights(model)) / 1e6:.0f} MB)"
           f"\nother: {other} ({len(_weights(other))} shards)\nconfig: conf/merge/{args.merge}.yaml -> {mk_yaml}")

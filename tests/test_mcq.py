@@ -144,3 +144,50 @@ def test_loglik_only_path_scores_the_last_position(tiny_model):
                        progress=False)
     assert [r["pred_ll"] for r in rec["items"]] == ["B", "B", "B"]
     assert rec["acc_ll"] == pytest.approx(2 / 3) and rec["acc"] is None
+
+
+def test_common_prefix_length_leaves_a_token_per_row():
+    from dft.evaluation.mcq import common_prefix_length
+
+    assert common_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert common_prefix_length([[7, 8, 9], [7, 8, 9]]) == 2  # never the whole of a prompt
+    assert common_prefix_length([[5, 6]]) == 1
+    assert common_prefix_length([[1, 2], [3, 4]]) == 0
+    assert common_prefix_length([]) == 0
+
+
+@pytest.mark.parametrize("family,config", [("llama3", "tiny_llama3"), ("mistral", "tiny_mistral"), ("smollm2", "tiny")])
+def test_shared_prefix_cache_matches_whole_prompt_forward(family, config, cache_dir):
+    """The prompts' shared prefix, encoded once and copied into a padded batch, gives each row the
+    last-position logits of its own unpadded prompt; evaluate_mcq's records are the same with and
+    without it (generations included), on each paper family's template and architecture."""
+    from dft.evaluation.mcq import PrefixCache, _pad_batch, common_prefix_length, evaluate_mcq
+    from dft.families import ensure_tiny_model
+    from dft.modeling import generation_eos_ids, load_model, load_tokenizer
+
+    path = ensure_tiny_model(cache_dir, family)
+    cfg = compose([f"model={config}"])
+    tok = load_tokenizer(path, cfg.model)
+    tok.padding_side = "left"
+    model = load_model(path, cfg.model)
+    items = [{"id": str(i), "question": "Which phase forms on quenching?" + " Consider the carbon content." * i,
+              "options": OPTS[: 2 + i % 3], "answer": "A", "category": "x"} for i in range(5)]
+    enc = [tok(render_prompt(it, tok, cfg.model), add_special_tokens=False)["input_ids"] for it in items]
+    p = common_prefix_length(enc)
+    instruction = tok("You respond with one word or letter.", add_special_tokens=False)["input_ids"]
+    assert p >= len(instruction)  # at least the template header and the paper's instruction
+    shared = PrefixCache(model, enc[0][:p])
+    batch = _pad_batch([e[p:] for e in enc], enc[0][:p], tok.pad_token_id, "cpu")
+    assert batch["position_ids"][:, -1].tolist() == [len(e) - 1 for e in enc]
+    with torch.no_grad():
+        got = model(input_ids=batch["input_ids"][:, p:], attention_mask=batch["attention_mask"],
+                    position_ids=batch["position_ids"][:, p:], logits_to_keep=1,
+                    **{shared.kwarg: shared.for_batch(len(enc))}).logits[:, -1]
+        ref = torch.stack([model(input_ids=torch.tensor([e])).logits[0, -1] for e in enc])
+    assert torch.allclose(got, ref, atol=1e-5, rtol=1e-4), (got - ref).abs().max()
+    eos = generation_eos_ids(tok, cfg.model)
+    a = evaluate_mcq(model, tok, cfg.model, items, eos_ids=eos, batch_size=3, max_new_tokens=4, progress=False)
+    b = evaluate_mcq(model, tok, cfg.model, items, eos_ids=eos, batch_size=3, max_new_tokens=4, progress=False,
+                     prefix_cache=False)
+    assert a["items"] == b["items"]
+    assert any(r["output"] for r in a["items"])  # something was generated to compare

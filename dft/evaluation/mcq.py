@@ -23,6 +23,7 @@ from dft.families import apply_system_policy
 PROMPT = "You respond with one word or letter. Select the correct answer to this question: {question}"
 ASSISTANT_PREFIX = "The correct answer is:"
 LETTERS = "ABCDEFGH"
+MIN_PREFIX = 4  # a shorter shared prefix is not worth a cache copy per batch
 
 _STRIP = re.compile(r"[*_`]")
 _EXPLICIT = re.compile(r"(?:answer|option|choice)\s*(?:is|:)?\s*:?\s*\(?([A-H])\b(?![a-z])", re.I)
@@ -89,14 +90,81 @@ def render_prompt(item: dict, tokenizer, model_cfg: Any) -> str:
 
 def _encode_left_padded(texts: list[str], tokenizer, device) -> dict:
     enc = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    width = max(len(e) for e in enc)
-    pad = tokenizer.pad_token_id
-    ids = torch.full((len(enc), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(enc), width), dtype=torch.long)
-    for i, e in enumerate(enc):
-        ids[i, width - len(e):] = torch.tensor(e)
-        mask[i, width - len(e):] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+    return _pad_batch(enc, [], tokenizer.pad_token_id, device)
+
+
+def _pad_batch(rests: list[list[int]], prefix: list[int], pad_id: int, device) -> dict:
+    """``prefix + pads + rest`` rows (padding between the shared prefix and each row's own tokens).
+
+    With an empty ``prefix`` this is ordinary left padding. Position ids count attended tokens
+    only (``cumsum(mask) - 1``, as ``generate`` derives them), so each row sees the positions it
+    would have unpadded. Shapes: ``input_ids``, ``attention_mask`` and ``position_ids`` are
+    ``[batch, len(prefix) + max(len(rest))]``.
+    """
+    width = max(len(r) for r in rests)
+    n, p = len(rests), len(prefix)
+    ids = torch.full((n, p + width), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, p + width), dtype=torch.long)
+    if p:
+        ids[:, :p] = torch.tensor(prefix)
+        mask[:, :p] = 1
+    for i, r in enumerate(rests):
+        ids[i, p + width - len(r):] = torch.tensor(r)
+        mask[i, p + width - len(r):] = 1
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": pos.to(device)}
+
+
+def common_prefix_length(seqs: list[list[int]]) -> int:
+    """Length of the longest token prefix shared by every sequence, at most ``min(len) - 1``.
+
+    Every MCQ prompt starts with the same chat-template header, system prompt and instruction
+    (40 tokens of SmolLM2's ~124-token mean prompt); it is encoded once per benchmark instead of
+    once per item. One token of each sequence is always left outside the prefix, so every row
+    has a position to predict from.
+    """
+    if not seqs:
+        return 0
+    first, n = seqs[0], min(len(s) for s in seqs) - 1
+    k = 0
+    while k < n and all(s[k] == first[k] for s in seqs):
+        k += 1
+    return k
+
+
+def _cache_kwarg(model) -> str:
+    """The keyword under which this transformers version takes a KV cache (``cache`` from 5.2x, else
+    ``past_key_values``)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+class PrefixCache:
+    """The KV cache of one token prefix, encoded once and copied out per batch.
+
+    Args:
+        model: a causal LM whose forward takes a transformers ``Cache``.
+        prefix: token ids, ``[p]``; encoded as a ``[1, p]`` batch at positions ``0 .. p-1``.
+    """
+
+    def __init__(self, model, prefix: list[int]):
+        import copy
+
+        self._copy = copy.deepcopy
+        self.kwarg = _cache_kwarg(model)
+        self.prefix = list(prefix)
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([self.prefix], device=device), use_cache=True, logits_to_keep=1)
+        cache = getattr(out, "cache", None)
+        self.cache = cache if cache is not None else out.past_key_values
+
+    def for_batch(self, n: int):
+        """A fresh cache holding the prefix ``n`` times (generation appends to it in place)."""
+        c = self._copy(self.cache)
+        c.batch_repeat_interleave(n)
+        return c
 
 
 def letter_token_ids(tokenizer, n: int) -> list[int]:
@@ -117,40 +185,54 @@ def letter_token_ids(tokenizer, n: int) -> list[int]:
 @torch.no_grad()
 def evaluate_mcq(model, tokenizer, model_cfg: Any, items: list[dict], *, eos_ids: list[int],
                  generate: bool = True, loglik: bool = True, max_new_tokens: int = 8,
-                 batch_size: int = 16, progress: bool = True) -> dict:
+                 batch_size: int = 16, prefix_cache: bool = True, progress: bool = True) -> dict:
     """Score MCQ ``items`` ({id, question, options, answer, category}); return the eval record.
 
     Returns ``{"n", "acc", "acc_ll", "by_category": {cat: {n, acc, acc_ll}}, "items": [...]}``;
     accuracies are fractions in [0, 1] (None when that scoring is off). Greedy decoding: the
     same model gives the same numbers on every run.
+
+    Cost: the forward passes cover each prompt's tokens once, minus the prefix all prompts share
+    (``prefix_cache``: encoded once, its KV cache copied into every batch), plus up to
+    ``max_new_tokens`` decode steps per batch. Items are batched by token length, so padding is a
+    few tokens per row. ``prefix_cache=False`` encodes every prompt whole (same predictions up to
+    float rounding; tests/test_mcq.py compares the two).
     """
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
     model.eval()
-    prompts = [render_prompt(it, tokenizer, model_cfg) for it in items]
-    # batches of similar length waste little compute on left padding; results keep item order
-    order = sorted(range(len(items)), key=lambda i: len(prompts[i]))
+    encoded = [tokenizer(render_prompt(it, tokenizer, model_cfg), add_special_tokens=False)["input_ids"]
+               for it in items]
+    # batches of equal token length waste no compute on padding; results keep item order
+    order = sorted(range(len(items)), key=lambda i: len(encoded[i]))
+    p = common_prefix_length(encoded) if prefix_cache else 0
+    shared = PrefixCache(model, encoded[0][:p]) if p >= MIN_PREFIX else None
+    p = p if shared is not None else 0
     records: list[Optional[dict]] = [None] * len(items)
     for start in tqdm(range(0, len(order), batch_size), desc="mcq", disable=not progress, leave=False):
         idx = order[start: start + batch_size]
         chunk = [items[i] for i in idx]
-        enc = _encode_left_padded([prompts[i] for i in idx], tokenizer, device)
+        enc = _pad_batch([encoded[i][p:] for i in idx], encoded[idx[0]][:p], tokenizer.pad_token_id, device)
+        cache = {shared.kwarg: shared.for_batch(len(idx))} if shared is not None else {}
         outs = [""] * len(chunk)
         preds_ll: list[Optional[str]] = [None] * len(chunk)
         first_logits = None
         if generate:
             # the logits of the first generated position are the log-likelihood scores too:
             # one forward pass serves both protocols
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_ids,
+            gen = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                 max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_ids,
                                  pad_token_id=tokenizer.pad_token_id, output_logits=True,
-                                 return_dict_in_generate=True)
+                                 return_dict_in_generate=True, **cache)
             outs = tokenizer.batch_decode(gen.sequences[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
             first_logits = gen.logits[0]
         if loglik:
             if first_logits is None:
                 # only the last position's logits are needed (bench/mcq_bench.py: ~1.25x faster)
-                first_logits = model(**enc, logits_to_keep=1).logits[:, -1, :]
+                first_logits = model(input_ids=enc["input_ids"][:, p:], attention_mask=enc["attention_mask"],
+                                     position_ids=enc["position_ids"][:, p:], logits_to_keep=1,
+                                     **cache).logits[:, -1, :]
             logp = torch.log_softmax(first_logits.float(), dim=-1)
             for i, it in enumerate(chunk):
                 ids = letter_token_ids(tokenizer, len(it["options"]))

@@ -374,3 +374,40 @@ def test_sharded_inputs_give_equal_output_in_shards_no_larger_than_theirs(pair, 
     assert set(got) == set(want)
     for name in want:
         assert torch.equal(got[name], want[name]), name
+
+
+def _mapped_bytes() -> int:
+    """glibc's ``mallinfo2().hblkhd``: bytes in blocks that have their own mmap."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in
+                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                     "keepcost")]
+
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = MallInfo2
+    return libc.mallinfo2().hblkhd
+
+
+def test_merge_allocator_setting_maps_large_blocks_and_restores_glibc_ceiling():
+    """Inside, a 6 MiB block gets its own mapping (freed to the OS at once); afterwards the mmap
+    threshold is glibc's dynamic ceiling (32 MiB), so the same block comes from the heap again."""
+    import ctypes
+    import platform
+
+    from dft.merging.backend import large_blocks_returned_to_os
+
+    if platform.libc_ver()[0] != "glibc" or not hasattr(ctypes.CDLL(None), "mallinfo2"):
+        pytest.skip("needs glibc >= 2.33 (mallinfo2)")
+    n = 6 << 20
+    with large_blocks_returned_to_os():
+        before = _mapped_bytes()
+        block = torch.empty(n, dtype=torch.uint8)
+        inside = _mapped_bytes() - before
+        del block
+    before = _mapped_bytes()
+    block = torch.empty(n, dtype=torch.uint8)
+    after = _mapped_bytes() - before
+    del block
+    assert inside >= n and after == 0, (inside, after)

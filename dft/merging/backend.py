@@ -11,7 +11,10 @@ because importing it takes seconds.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import platform
 import random
 import shutil
 import time
@@ -174,6 +177,49 @@ def _respect_umask(folder: Path) -> None:
             f.chmod(0o666 & ~umask)
 
 
+#: glibc ``mallopt`` parameters (malloc.h) and the values its dynamic rule settles on for 64-bit
+#: (``DEFAULT_MMAP_THRESHOLD_MAX`` = 32 MiB, trim threshold = 2x the mmap threshold).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_GLIBC_MMAP_MAX, _GLIBC_TRIM_AT_MAX = 32 << 20, 64 << 20
+
+
+@contextlib.contextmanager
+def large_blocks_returned_to_os(threshold: int = 4 << 20):
+    """For the duration: every allocation >= ``threshold`` bytes is its own ``mmap``, unmapped on free.
+
+    Why: glibc raises its mmap threshold each time it frees a mapped block (up to 32 MiB), after
+    which tensor-sized blocks (a SmolLM2-135M MLP matrix is 3.5 MB) come from the heap, where
+    freed ones can stay resident behind live ones. mergekit allocates and frees one tensor after
+    another; on the 135M model that left 112-128 MB of free heap resident at the peak in 4 runs
+    of 6 and none in the others (``bench/merge_heap_probe.py``), the merge peaking at ~910 MB or
+    ~790 MB from run to run. With blocks >= ``threshold`` mapped (4 MiB: the temporaries of
+    mergekit's SLERP; at 8 MiB the two levels came back) they go back to the OS when freed:
+    ``bench/merge_bench.py --glibc-default`` measures the peak and the cost (page faults on fresh
+    mappings: the merge ~1.1x slower).
+
+    Afterwards the thresholds are left where glibc's dynamic rule ends up (mmap 32 MiB, trim
+    64 MiB; the rule itself cannot be re-enabled) and free memory is trimmed. No-op on other
+    C libraries.
+    """
+    libc = None
+    if platform.libc_ver()[0] == "glibc":
+        try:
+            libc = ctypes.CDLL(None)
+            libc.mallopt, libc.malloc_trim  # noqa: B018 - both must exist
+        except (OSError, AttributeError):
+            libc = None
+    if libc is None:
+        yield
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, int(threshold))
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_MMAP_MAX)
+        libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_TRIM_AT_MAX)
+        libc.malloc_trim(0)
+
+
 class _PreservedRng:
     """run_merge seeds Python/NumPy/torch globally (for DARE); give the caller its RNG back."""
 
@@ -224,8 +270,10 @@ def merge_models(
 
     Memory: mergekit reads each input one shard at a time (memory-mapped) and keeps the output
     shard being written in RAM, so the peak is about three shards plus the Python process
-    (~0.47 GB with torch, transformers and mergekit imported), not two or three whole models:
-    save inputs sharded (``model.max_shard_size``) to bound it. ``bench/merge_bench.py`` measures it.
+    (~0.45 GB with torch, transformers and mergekit imported), not two or three whole models:
+    save inputs sharded (``model.max_shard_size``) to bound it. The merge runs inside
+    :func:`large_blocks_returned_to_os` (glibc), so freed tensors do not stay resident.
+    ``bench/merge_bench.py`` measures it: 1.47x one model for SmolLM2-135M.
 
     Returns:
         ``{"method", "config_yaml", "seconds", "out_dir", "skipped"}``.
@@ -273,7 +321,7 @@ def merge_models(
     tmp.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     try:
-        with _PreservedRng():
+        with _PreservedRng(), large_blocks_returned_to_os():
             run_merge(config, str(tmp), merge_options, config_source=yaml_text)
         (tmp / MERGEKIT_YAML).write_text(yaml_text)
         _copy_tokenizer(tokenizer_source or partner_path, tmp)

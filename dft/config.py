@@ -118,6 +118,7 @@ class EvalConfig:
     ppl_max_docs: Optional[int] = None
     ppl_max_tokens: Optional[int] = 20000  #: cap on scored tokens of the held-out text
     ppl_block: int = 512
+    ppl_batch_size: Optional[int] = None  #: blocks per perplexity forward (null = batch_size // 4, at least 1)
     stages: bool = True  #: evaluate every stage's artefact, not only the final one
     chat: Optional[Dict[str, Any]] = None  #: open-ended assessment (see ``eval=chat``)
 

@@ -200,7 +200,7 @@ class Cell:
                     metrics[f"{bench}/{k}"] = rec[k]
         if self.heldout is not None:
             ppl = perplexity(model, tok, self.heldout, block=cfg.eval.ppl_block, max_tokens=cfg.eval.ppl_max_tokens,
-                             batch_size=max(1, cfg.eval.batch_size // 4))
+                             batch_size=cfg.eval.ppl_batch_size or max(1, cfg.eval.batch_size // 4))
             write_json(tmp / "perplexity.json", {"artefact": art.name, **ppl})
             metrics["ppl"] = ppl["ppl"]
         if cfg.eval.chat:

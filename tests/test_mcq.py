@@ -191,3 +191,9 @@ def test_shared_prefix_cache_matches_whole_prompt_forward(family, config, cache_
                      prefix_cache=False)
     assert a["items"] == b["items"]
     assert any(r["output"] for r in a["items"])  # something was generated to compare
+    total = sum(len(e) for e in enc)
+    assert a["tokens"]["prompt"] == b["tokens"]["prompt"] == total
+    assert (a["tokens"]["shared_prefix"], b["tokens"]["shared_prefix"]) == (p, 0)
+    # without the cache every prompt token is forwarded (plus padding); with it the prefix once
+    assert b["tokens"]["prefilled"] == total + b["tokens"]["padding"]
+    assert a["tokens"]["prefilled"] == total - (len(enc) - 1) * p + a["tokens"]["padding"]

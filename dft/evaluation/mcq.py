@@ -188,8 +188,10 @@ def evaluate_mcq(model, tokenizer, model_cfg: Any, items: list[dict], *, eos_ids
                  batch_size: int = 16, prefix_cache: bool = True, progress: bool = True) -> dict:
     """Score MCQ ``items`` ({id, question, options, answer, category}); return the eval record.
 
-    Returns ``{"n", "acc", "acc_ll", "by_category": {cat: {n, acc, acc_ll}}, "items": [...]}``;
-    accuracies are fractions in [0, 1] (None when that scoring is off). Greedy decoding: the
+    Returns ``{"n", "acc", "acc_ll", "by_category": {cat: {n, acc, acc_ll}}, "items": [...],
+    "tokens"}``; accuracies are fractions in [0, 1] (None when that scoring is off). ``tokens``
+    counts the prefill work: ``prompt`` (all prompts' tokens), ``shared_prefix`` (encoded once),
+    ``prefilled`` (positions forwarded, the prefix once + every padded batch row), ``padding``. Greedy decoding: the
     same model gives the same numbers on every run.
 
     Cost: the forward passes cover each prompt's tokens once, minus the prefix all prompts share
@@ -210,10 +212,13 @@ def evaluate_mcq(model, tokenizer, model_cfg: Any, items: list[dict], *, eos_ids
     shared = PrefixCache(model, encoded[0][:p]) if p >= MIN_PREFIX else None
     p = p if shared is not None else 0
     records: list[Optional[dict]] = [None] * len(items)
+    tokens = {"prompt": sum(len(e) for e in encoded), "shared_prefix": p, "prefilled": p, "padding": 0}
     for start in tqdm(range(0, len(order), batch_size), desc="mcq", disable=not progress, leave=False):
         idx = order[start: start + batch_size]
         chunk = [items[i] for i in idx]
         enc = _pad_batch([encoded[i][p:] for i in idx], encoded[idx[0]][:p], tokenizer.pad_token_id, device)
+        tokens["prefilled"] += enc["input_ids"][:, p:].numel()
+        tokens["padding"] += int((enc["attention_mask"][:, p:] == 0).sum())
         cache = {shared.kwarg: shared.for_batch(len(idx))} if shared is not None else {}
         outs = [""] * len(chunk)
         preds_ll: list[Optional[str]] = [None] * len(chunk)
@@ -246,7 +251,7 @@ def evaluate_mcq(model, tokenizer, model_cfg: Any, items: list[dict], *, eos_ids
                 "correct_ll": bool(preds_ll[i] == it["answer"]) if loglik else None,
                 "output": outs[i],
             }
-    return summarize(records, generate=generate, loglik=loglik)
+    return {**summarize(records, generate=generate, loglik=loglik), "tokens": tokens}
 
 
 def summarize(records: list[dict], *, generate: bool = True, loglik: bool = True) -> dict:

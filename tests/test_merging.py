@@ -376,38 +376,45 @@ def test_sharded_inputs_give_equal_output_in_shards_no_larger_than_theirs(pair, 
         assert torch.equal(got[name], want[name]), name
 
 
-def _mapped_bytes() -> int:
-    """glibc's ``mallinfo2().hblkhd``: bytes in blocks that have their own mmap."""
-    import ctypes
+_ALLOCATOR_PROBE = r"""
+import ctypes, json
+import torch
+from dft.merging.backend import large_blocks_returned_to_os
 
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [(n, ctypes.c_size_t) for n in
-                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                     "keepcost")]
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
 
-    libc = ctypes.CDLL(None)
-    libc.mallinfo2.restype = MallInfo2
-    return libc.mallinfo2().hblkhd
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+mapped = lambda: libc.mallinfo2().hblkhd  # bytes in blocks that have their own mmap
+n = 24 << 20
+warm = torch.empty(30 << 20, dtype=torch.uint8)  # mapped, and freeing it raises glibc's threshold to 30 MiB
+del warm
+with large_blocks_returned_to_os():
+    before = mapped()
+    block = torch.empty(n, dtype=torch.uint8)
+    inside = mapped() - before
+    del block
+before = mapped()
+block = torch.empty(n, dtype=torch.uint8)
+after = mapped() - before
+print(json.dumps({"inside": inside, "after": after, "n": n}))
+"""
 
 
 def test_merge_allocator_setting_maps_large_blocks_and_restores_glibc_ceiling():
-    """Inside, a 6 MiB block gets its own mapping (freed to the OS at once); afterwards the mmap
-    threshold is glibc's dynamic ceiling (32 MiB), so the same block comes from the heap again."""
+    """In a fresh process (a heap with no 24 MiB hole to reuse), after glibc raised its threshold
+    to 30 MiB: inside the setting a 24 MiB block gets its own mapping instead of coming from the
+    heap; afterwards the threshold is glibc's dynamic ceiling (32 MiB), so it comes from the heap."""
     import ctypes
     import platform
-
-    from dft.merging.backend import large_blocks_returned_to_os
+    import subprocess
+    import sys
 
     if platform.libc_ver()[0] != "glibc" or not hasattr(ctypes.CDLL(None), "mallinfo2"):
         pytest.skip("needs glibc >= 2.33 (mallinfo2)")
-    n = 6 << 20
-    with large_blocks_returned_to_os():
-        before = _mapped_bytes()
-        block = torch.empty(n, dtype=torch.uint8)
-        inside = _mapped_bytes() - before
-        del block
-    before = _mapped_bytes()
-    block = torch.empty(n, dtype=torch.uint8)
-    after = _mapped_bytes() - before
-    del block
-    assert inside >= n and after == 0, (inside, after)
+    out = subprocess.run([sys.executable, "-c", _ALLOCATOR_PROBE], capture_output=True, text=True, check=True,
+                         cwd=ROOT)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["inside"] >= r["n"] and r["after"] == 0, r

@@ -185,7 +185,8 @@ _GLIBC_MMAP_MAX, _GLIBC_TRIM_AT_MAX = 32 << 20, 64 << 20
 
 @contextlib.contextmanager
 def large_blocks_returned_to_os(threshold: int = 4 << 20):
-    """For the duration: every allocation >= ``threshold`` bytes is its own ``mmap``, unmapped on free.
+    """For the duration: allocations >= ``threshold`` bytes that free heap memory cannot serve get
+    their own ``mmap`` (unmapped on free) instead of growing the heap.
 
     Why: glibc raises its mmap threshold each time it frees a mapped block (up to 32 MiB), after
     which tensor-sized blocks (a SmolLM2-135M MLP matrix is 3.5 MB) come from the heap, where

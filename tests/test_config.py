@@ -50,6 +50,23 @@ def test_every_strategy_builds_its_trl_configs(strategy, tmp_path):
         assert args.max_length == trainer.get("max_length", cfg.model.max_length)
 
 
+def test_trl_config_takes_the_checkpointing_setting_without_deprecation_warnings(tmp_path):
+    """Off on CPU, on when the YAML says so, under whichever name this transformers version uses."""
+    import warnings
+
+    from dft.stages import build_trl_config
+
+    cfg = compose(["strategy=sft"])
+    trainer = OmegaConf.to_container(cfg.strategy.sft.trainer, resolve=True)
+    for extra, expected in (({}, False), ({"gradient_checkpointing": True}, True)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            args = build_trl_config("sft", {**trainer, **extra}, output_dir=str(tmp_path), device="cpu",
+                                    peft_cfg=cfg.peft, model_cfg=cfg.model, report_to="none", seed=1)
+        assert args.gradient_checkpointing is expected
+        assert getattr(args, "activation_checkpointing", expected) is expected
+
+
 def test_unknown_key_fails_at_compose_naming_it():
     from hydra.errors import ConfigCompositionException
 

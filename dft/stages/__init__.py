@@ -47,7 +47,15 @@ def hardware_overrides(trainer_kwargs: dict, device: str, peft_cfg: Any) -> dict
 
         out.update(bf16=torch.cuda.is_bf16_supported(), fp16=not torch.cuda.is_bf16_supported(),
                    gradient_checkpointing=True if gc is None else bool(gc))
+    if "activation_checkpointing" in trainer_kwargs:  # the newer name of the same setting, set by the YAML
+        out.pop("gradient_checkpointing", None)
     return {k: v for k, v in out.items() if k not in trainer_kwargs}
+
+
+#: transformers renamed the trainer's ``gradient_checkpointing*`` to ``activation_checkpointing*``
+#: (the old names still work until v6, each with a FutureWarning); dft's YAML may use either.
+_RENAMED = (("gradient_checkpointing", "activation_checkpointing"),
+            ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"))
 
 
 def build_trl_config(kind: str, trainer_kwargs: dict, *, output_dir: str, device: str, peft_cfg: Any,
@@ -71,6 +79,9 @@ def build_trl_config(kind: str, trainer_kwargs: dict, *, output_dir: str, device
         )
     kwargs.setdefault("max_length", model_cfg.max_length)
     kwargs.update(hardware_overrides(kwargs, device, peft_cfg))
+    for old, new in _RENAMED:
+        if new in fields and old in kwargs and kwargs.get(new) is None:
+            kwargs[new] = kwargs.pop(old)
     kwargs.update(output_dir=output_dir, report_to=report_to, seed=seed)
     kwargs.setdefault("save_strategy", "steps")
     kwargs.setdefault("dataloader_num_workers", 0)

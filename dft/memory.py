@@ -357,7 +357,8 @@ def describe(
         dtype = "bfloat16" if device == "cuda" else "float32"
     batch = int(trainer_kwargs.get("per_device_train_batch_size", 8))
     seq = int(trainer_kwargs.get("max_length") or model_cfg.max_length or 1024)
-    gc = trainer_kwargs.get("gradient_checkpointing", getattr(peft_cfg, "gradient_checkpointing", None))
+    gc = trainer_kwargs.get("activation_checkpointing",  # transformers' newer name of the same setting
+                            trainer_kwargs.get("gradient_checkpointing", getattr(peft_cfg, "gradient_checkpointing", None)))
     if gc is None:
         gc = device == "cuda"
     seqs = batch * (2 if stage in ("dpo", "orpo") else 1)
@@ -390,7 +391,7 @@ def describe(
         else "AdamW moments in the trainable parameters' dtype"
     )
     lines = [
-        f"memory estimate per GPU (dft.memory; {dtype}, {method}"
+        f"memory estimate per {'GPU' if device == 'cuda' else 'process (CPU)'} (dft.memory; {dtype}, {method}"
         + (f" r={getattr(peft_cfg, 'r', '?')}" if method != "full" else "")
         + f", {seqs} seq x {seq} tokens, gradient checkpointing {'on' if gc else 'off'}"
         + (f", states sharded over {shards} GPUs" if shards > 1 else "")
@@ -404,5 +405,6 @@ def describe(
     ]
     if ref:
         lines.append(f"  reference    {_gb(ref)} (frozen DPO reference model)")
-    lines.append(f"  total        {_gb(total)} + CUDA context/fragmentation (~1-3 GiB)")
+    lines.append(f"  total        {_gb(total)}" + (" + CUDA context/fragmentation (~1-3 GiB)" if device == "cuda" else
+                                                  " + the interpreter with torch and transformers (~0.5 GB)"))
     return "\n".join(lines)

@@ -171,6 +171,9 @@ def test_describe(monkeypatch):
     assert "1 seq x 2048 tokens" in text and "gradient checkpointing on" in text and "total" in text
     cpu = describe(*_cfgs("lora"), {"per_device_train_batch_size": 2, "max_length": 256}, cfg, device="cpu", stage="dpo")
     assert "float32" in cpu and "4 seq x 256 tokens" in cpu and "checkpointing off" in cpu
+    assert text.startswith("memory estimate per GPU") and "CUDA context" in text
+    assert cpu.startswith("memory estimate per process (CPU)") and "CUDA" not in cpu
+    assert "checkpointing on" in describe(*_cfgs("lora"), {"activation_checkpointing": True}, cfg, device="cpu")
     assert "reference" in describe(*_cfgs("full"), {}, cfg, device="cuda", stage="dpo")
     monkeypatch.setenv("WORLD_SIZE", "8")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")

@@ -51,12 +51,13 @@ def perplexity(model, tokenizer, docs: list[str], *, block: int = 512, max_token
             ids[i, : len(b)] = torch.tensor(b)
             mask[i, : len(b)] = 1
         ids, mask = ids.to(device), mask.to(device)
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        tgt = ids[:, 1:]
-        nll = -logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
-        m = mask[:, 1:].bool()
-        total_nll += float(nll[m].sum())
-        total_n += int(m.sum())
+        logits = model(input_ids=ids, attention_mask=mask).logits  # [batch, width, vocab]
+        for i in range(len(chunk)):  # one row's log-softmax at a time: [width - 1, vocab] floats, not the batch's
+            logp = torch.log_softmax(logits[i, :-1].float(), dim=-1)
+            nll = -logp.gather(-1, ids[i, 1:, None]).squeeze(-1)
+            m = mask[i, 1:].bool()
+            total_nll += float(nll[m].sum())
+            total_n += int(m.sum())
+        del logits
     mean = total_nll / total_n
     return {"ppl": math.exp(mean), "nll_per_token": mean, "n_tokens": total_n, "n_docs": n_docs}

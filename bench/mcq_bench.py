@@ -1,12 +1,13 @@
 """Side by side: MCQ log-likelihood scoring through dft vs lm-evaluation-harness, same items.
 
     .venv/bin/python bench/mcq_bench.py [--bench anatomy_mcq] [-n 100] [--batch-size 16] [--repeats 2]
-                                        [--json FILE]
+                                        [--dtype float32] [--json FILE]
 
 Needs the PyPI package ``lm-eval`` (0.4.13 measured here; ``pip install lm-eval``).
 
 Both sides score the first ``-n`` items of ``data.eval.<bench>`` (``data/materials/eval_*.jsonl``)
-with the embedded SmolLM2-135M-Instruct (fp32, CPU), batch size ``--batch-size``:
+with the embedded SmolLM2-135M-Instruct on CPU, batch size ``--batch-size``, both in ``--dtype``
+(float32 by default; bfloat16 is what ``model.dtype=auto`` gives on CUDA, so run it there too):
 
 * **dft**: ``dft.evaluation.mcq.evaluate_mcq(..., generate=False, loglik=True)``: the paper's
   prompt in the chat template with the assistant turn pre-filled with "The correct answer is:",
@@ -131,7 +132,7 @@ def child_lmeval(args, cfg) -> dict:
     folder = Path(tempfile.mkdtemp(prefix="mcq-lmeval-", dir=args.workdir))
     task = write_task(cfg, tok, args, folder)
     t0 = time.perf_counter()
-    lm = HFLM(pretrained=str(path), device="cpu", dtype="float32", batch_size=args.batch_size)
+    lm = HFLM(pretrained=str(path), device="cpu", dtype=args.dtype, batch_size=args.batch_size)
     load_s = time.perf_counter() - t0
     calls = {"s": 0.0}
     orig = lm.loglikelihood
@@ -160,7 +161,7 @@ def child_lmeval(args, cfg) -> dict:
 
 def child(args) -> None:
     offline_env()
-    cfg = compose()
+    cfg = compose([f"model.dtype={args.dtype}"])
     out = child_dft(args, cfg) if args.child == "dft" else child_lmeval(args, cfg)
     write_result(args.result, out)
 
@@ -170,6 +171,7 @@ def main() -> None:
     ap.add_argument("--bench", default="anatomy_mcq", help="data.eval.<name>: anatomy_mcq, mmlu_stem, mascqa")
     ap.add_argument("-n", type=int, default=100, help="first N items")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="both sides' model dtype")
     ap.add_argument("--repeats", type=int, default=2, help="processes per side, alternating order")
     ap.add_argument("--workdir", type=Path, default=OUT / "mcq")
     ap.add_argument("--json", type=Path, default=None)
@@ -186,10 +188,10 @@ def main() -> None:
     path = model_path(cfg)
     items = _items(cfg, args.bench, args.n)
     print(f"mcq_bench: {time.strftime('%Y-%m-%d %H:%M')}, {machine_line()}")
-    print(f"model {path.name}, benchmark {args.bench}: first {len(items)} items, batch size {args.batch_size}, "
-          f"{args.repeats} repeat(s)\n")
+    print(f"model {path.name} ({args.dtype}), benchmark {args.bench}: first {len(items)} items, batch size "
+          f"{args.batch_size}, {args.repeats} repeat(s)\n")
     common = [__file__, "--bench", args.bench, "-n", str(args.n), "--batch-size", str(args.batch_size),
-              "--workdir", str(args.workdir)]
+              "--dtype", args.dtype, "--workdir", str(args.workdir)]
     runs: dict[str, list[dict]] = {"dft": [], "lmeval": []}
     for r in range(args.repeats):
         for side in (("dft", "lmeval") if r % 2 == 0 else ("lmeval", "dft")):

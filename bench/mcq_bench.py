@@ -1,7 +1,7 @@
 """Side by side: MCQ log-likelihood scoring through dft vs lm-evaluation-harness, same items.
 
     .venv/bin/python bench/mcq_bench.py [--bench anatomy_mcq] [-n 100] [--batch-size 16] [--repeats 2]
-                                        [--dtype float32] [--json FILE]
+                                        [--dtype float32] [--json FILE] [--compare EARLIER_JSON]
 
 Needs the PyPI package ``lm-eval`` (0.4.13 measured here; ``pip install lm-eval``).
 
@@ -175,6 +175,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="processes per side, alternating order")
     ap.add_argument("--workdir", type=Path, default=OUT / "mcq")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--compare", type=Path, default=None,
+                    help="an earlier --json file (e.g. the other dtype): per side, how many predictions changed")
     ap.add_argument("--child", choices=["dft", "lmeval"], help=argparse.SUPPRESS)
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--repeat", type=int, default=0, help=argparse.SUPPRESS)
@@ -220,6 +222,12 @@ def main() -> None:
     print(f"time lm-eval / dft: {median(ratios):.2f}x (per repeat: {', '.join(f'{x:.2f}' for x in ratios)}); "
           f"lm-eval's loglikelihood call alone: {m(e, 'loglikelihood_s') / m(d, 'eval_s'):.2f}x dft's eval; "
           f"goal dft no slower -> {'MET' if median(ratios) >= 1 else 'NOT met'}")
+    if args.compare:
+        other = json.loads(args.compare.read_text())
+        for side in ("dft", "lmeval"):
+            mine, theirs = runs[side][0]["preds"], other[side][0]["preds"]
+            changed = [k for k in mine if k in theirs and mine[k] != theirs[k]]
+            print(f"{side}: {len(changed)} of {sum(k in theirs for k in mine)} predictions differ from {args.compare}")
     if args.json:
         args.json.write_text(json.dumps(runs, indent=1, default=str))
 

@@ -24,14 +24,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 CHILD = r"""
-import contextlib, ctypes, json, shutil, sys, threading, time
+import contextlib, json, sys, threading, time
 
-class MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in
-                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+from omegaconf import OmegaConf
+import dft.merging.backend as backend
+from dft.merging import merge_models
+import mergekit.merge
 
-libc = ctypes.CDLL(None)
-libc.mallinfo2.restype = MallInfo2
 peak = {"rss": 0}
 
 def status():
@@ -44,16 +43,12 @@ def status():
 
 def sample():
     while True:
-        s, m = status(), libc.mallinfo2()
+        s, m = status(), backend.malloc_stats()
         if s["VmRSS"] > peak["rss"]:
-            peak.update(rss=s["VmRSS"], anon=s["RssAnon"], file=s["RssFile"], heap_used=m.uordblks >> 20,
-                        heap_free=m.fordblks >> 20, mapped=m.hblkhd >> 20)
+            peak.update(rss=s["VmRSS"], anon=s["RssAnon"], file=s["RssFile"], heap_used=m["heap_in_use"] >> 20,
+                        heap_free=m["heap_free"] >> 20, mapped=m["mapped"] >> 20)
         time.sleep(0.005)
 
-from omegaconf import OmegaConf
-import dft.merging.backend as backend
-from dft.merging import merge_models
-import mergekit.merge
 if sys.argv[4] == "glibc-default":
     backend.large_blocks_returned_to_os = contextlib.nullcontext
 threading.Thread(target=sample, daemon=True).start()
@@ -71,6 +66,10 @@ def main(argv=None) -> None:
     ap.add_argument("-n", "--repeats", type=int, default=6)
     ap.add_argument("--glibc-default", action="store_true", help="without dft's allocator setting")
     args = ap.parse_args(argv)
+    from dft.merging.backend import malloc_stats
+
+    if malloc_stats() is None:
+        sys.exit("merge_heap_probe: needs glibc >= 2.33 (mallinfo2)")
     mode = "glibc-default" if args.glibc_default else "dft"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -377,17 +377,11 @@ def test_sharded_inputs_give_equal_output_in_shards_no_larger_than_theirs(pair, 
 
 
 _ALLOCATOR_PROBE = r"""
-import ctypes, json
+import json
 import torch
-from dft.merging.backend import large_blocks_returned_to_os
+from dft.merging.backend import large_blocks_returned_to_os, malloc_stats
 
-class MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in
-                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
-
-libc = ctypes.CDLL(None)
-libc.mallinfo2.restype = MallInfo2
-mapped = lambda: libc.mallinfo2().hblkhd  # bytes in blocks that have their own mmap
+mapped = lambda: malloc_stats()["mapped"]  # bytes in blocks that have their own mmap
 n = 24 << 20
 warm = torch.empty(30 << 20, dtype=torch.uint8)  # mapped, and freeing it raises glibc's threshold to 30 MiB
 del warm
@@ -407,12 +401,12 @@ def test_merge_allocator_setting_maps_large_blocks_and_restores_glibc_ceiling():
     """In a fresh process (a heap with no 24 MiB hole to reuse), after glibc raised its threshold
     to 30 MiB: inside the setting a 24 MiB block gets its own mapping instead of coming from the
     heap; afterwards the threshold is glibc's dynamic ceiling (32 MiB), so it comes from the heap."""
-    import ctypes
-    import platform
     import subprocess
     import sys
 
-    if platform.libc_ver()[0] != "glibc" or not hasattr(ctypes.CDLL(None), "mallinfo2"):
+    from dft.merging.backend import malloc_stats
+
+    if malloc_stats() is None:
         pytest.skip("needs glibc >= 2.33 (mallinfo2)")
     out = subprocess.run([sys.executable, "-c", _ALLOCATOR_PROBE], capture_output=True, text=True, check=True,
                          cwd=ROOT)

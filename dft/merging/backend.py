@@ -221,6 +221,26 @@ def large_blocks_returned_to_os(threshold: int = 4 << 20):
         libc.malloc_trim(0)
 
 
+def malloc_stats() -> Optional[Dict[str, int]]:
+    """glibc's ``mallinfo2()`` in bytes: ``heap_in_use`` (``uordblks``), ``heap_free`` (``fordblks``:
+    free but still resident unless trimmed) and ``mapped`` (``hblkhd``: blocks with their own mmap);
+    None without glibc >= 2.33. Used by tests/test_merging.py and bench/merge_heap_probe.py."""
+    if platform.libc_ver()[0] != "glibc":
+        return None
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                   "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    try:
+        fn = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = MallInfo2
+    m = fn()
+    return {"heap_in_use": m.uordblks, "heap_free": m.fordblks, "mapped": m.hblkhd}
+
+
 class _PreservedRng:
     """run_merge seeds Python/NumPy/torch globally (for DARE); give the caller its RNG back."""
 

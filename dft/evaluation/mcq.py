@@ -13,6 +13,7 @@ prediction (``acc_ll``), as in lm-evaluation-harness' MMLU letter scoring.
 
 from __future__ import annotations
 
+import copy
 import re
 from typing import Any, Optional
 
@@ -88,11 +89,6 @@ def render_prompt(item: dict, tokenizer, model_cfg: Any) -> str:
     return text + ASSISTANT_PREFIX
 
 
-def _encode_left_padded(texts: list[str], tokenizer, device) -> dict:
-    enc = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    return _pad_batch(enc, [], tokenizer.pad_token_id, device)
-
-
 def _pad_batch(rests: list[list[int]], prefix: list[int], pad_id: int, device) -> dict:
     """``prefix + pads + rest`` rows (padding between the shared prefix and each row's own tokens).
 
@@ -149,20 +145,16 @@ class PrefixCache:
     """
 
     def __init__(self, model, prefix: list[int]):
-        import copy
-
-        self._copy = copy.deepcopy
         self.kwarg = _cache_kwarg(model)
-        self.prefix = list(prefix)
         device = next(model.parameters()).device
         with torch.no_grad():
-            out = model(input_ids=torch.tensor([self.prefix], device=device), use_cache=True, logits_to_keep=1)
+            out = model(input_ids=torch.tensor([list(prefix)], device=device), use_cache=True, logits_to_keep=1)
         cache = getattr(out, "cache", None)
         self.cache = cache if cache is not None else out.past_key_values
 
     def for_batch(self, n: int):
         """A fresh cache holding the prefix ``n`` times (generation appends to it in place)."""
-        c = self._copy(self.cache)
+        c = copy.deepcopy(self.cache)
         c.batch_repeat_interleave(n)
         return c
 

@@ -183,6 +183,19 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _GLIBC_MMAP_MAX, _GLIBC_TRIM_AT_MAX = 32 << 20, 64 << 20
 
 
+def _glibc(*functions: str):
+    """This process's C library via ctypes if it is glibc and has all ``functions``, else None."""
+    if platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        for name in functions:
+            getattr(libc, name)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
 @contextlib.contextmanager
 def large_blocks_returned_to_os(threshold: int = 4 << 20):
     """For the duration: allocations >= ``threshold`` bytes that free heap memory cannot serve get
@@ -202,13 +215,7 @@ def large_blocks_returned_to_os(threshold: int = 4 << 20):
     64 MiB; the rule itself cannot be re-enabled) and free memory is trimmed. No-op on other
     C libraries.
     """
-    libc = None
-    if platform.libc_ver()[0] == "glibc":
-        try:
-            libc = ctypes.CDLL(None)
-            libc.mallopt, libc.malloc_trim  # noqa: B018 - both must exist
-        except (OSError, AttributeError):
-            libc = None
+    libc = _glibc("mallopt", "malloc_trim")
     if libc is None:
         yield
         return
@@ -225,19 +232,16 @@ def malloc_stats() -> Optional[Dict[str, int]]:
     """glibc's ``mallinfo2()`` in bytes: ``heap_in_use`` (``uordblks``), ``heap_free`` (``fordblks``:
     free but still resident unless trimmed) and ``mapped`` (``hblkhd``: blocks with their own mmap);
     None without glibc >= 2.33. Used by tests/test_merging.py and bench/merge_heap_probe.py."""
-    if platform.libc_ver()[0] != "glibc":
+    libc = _glibc("mallinfo2")
+    if libc is None:
         return None
 
     class MallInfo2(ctypes.Structure):
         _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
                                                    "fsmblks", "uordblks", "fordblks", "keepcost")]
 
-    try:
-        fn = ctypes.CDLL(None).mallinfo2
-    except (OSError, AttributeError):
-        return None
-    fn.restype = MallInfo2
-    m = fn()
+    libc.mallinfo2.restype = MallInfo2
+    m = libc.mallinfo2()
     return {"heap_in_use": m.uordblks, "heap_free": m.fordblks, "mapped": m.hblkhd}
 
 

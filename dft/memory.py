@@ -321,6 +321,15 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n:,}"
 
 
+def checkpointing_setting(trainer_kwargs: dict) -> Optional[bool]:
+    """The stage YAML's activation (gradient) checkpointing switch, under transformers' new name
+    ``activation_checkpointing`` or the old ``gradient_checkpointing``; None when it sets neither."""
+    for key in ("activation_checkpointing", "gradient_checkpointing"):
+        if trainer_kwargs.get(key) is not None:
+            return bool(trainer_kwargs[key])
+    return None
+
+
 def describe(
     model_cfg: Any,
     peft_cfg: Any,
@@ -357,8 +366,9 @@ def describe(
         dtype = "bfloat16" if device == "cuda" else "float32"
     batch = int(trainer_kwargs.get("per_device_train_batch_size", 8))
     seq = int(trainer_kwargs.get("max_length") or model_cfg.max_length or 1024)
-    gc = trainer_kwargs.get("activation_checkpointing",  # transformers' newer name of the same setting
-                            trainer_kwargs.get("gradient_checkpointing", getattr(peft_cfg, "gradient_checkpointing", None)))
+    gc = checkpointing_setting(trainer_kwargs)
+    if gc is None:
+        gc = getattr(peft_cfg, "gradient_checkpointing", None)
     if gc is None:
         gc = device == "cuda"
     seqs = batch * (2 if stage in ("dpo", "orpo") else 1)

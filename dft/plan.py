@@ -205,7 +205,9 @@ def estimate_stage(stage: str, args: Any, rows: list[dict], cfg: Any, n_params: 
     tokens = steps * batch * per_row * seq_tokens
     full = cfg.peft.method == "full"
     trainer = plain(cfg.strategy[stage].trainer) or {}
-    gc = trainer.get("activation_checkpointing", trainer.get("gradient_checkpointing"))  # transformers' new / old name
+    from dft.memory import checkpointing_setting
+
+    gc = checkpointing_setting(trainer)
     if gc is None:
         gc = cfg.peft.gradient_checkpointing
     if gc is None:

@@ -264,6 +264,10 @@ def validate(cfg: Any) -> None:
         raise DftError(f"model.max_shard_size={cfg.model.max_shard_size!r} is not a size like 100MB or 5GB") from None
     _choice("logger.mode", cfg.logger.mode, ("auto", "online", "offline", "disabled"))
     _choice("device", cfg.device, ("auto", "cpu", "cuda"))
+    for key in ("batch_size", "ppl_batch_size", "ppl_block", "max_new_tokens"):
+        value = cfg.eval[key]
+        if value is not None and value < 1:
+            raise DftError(f"eval.{key}={value} must be at least 1" + (" (or null)" if key == "ppl_batch_size" else ""))
     for bench in cfg.eval.benchmarks:
         if bench not in cfg.data.eval:
             raise DftError(

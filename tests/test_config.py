@@ -115,6 +115,17 @@ def test_validate_rejects_a_chain_stage_without_config():
         validate(cfg)
 
 
+def test_validate_rejects_eval_batch_sizes_below_one():
+    from dft import DftError
+    from dft.config import validate
+
+    validate(compose(["eval=full", "eval.ppl_batch_size=null"]))
+    with pytest.raises(DftError, match=r"^eval\.ppl_batch_size=0 must be at least 1 \(or null\)$"):
+        validate(compose(["eval.ppl_batch_size=0"]))
+    with pytest.raises(DftError, match=r"^eval\.batch_size=-2 must be at least 1$"):
+        validate(compose(["eval.batch_size=-2"]))
+
+
 def test_validate_rejects_a_shard_size_that_is_not_a_size():
     from dft import DftError
     from dft.config import validate

@@ -181,6 +181,8 @@ def main() -> None:
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--repeat", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.compare and not args.compare.is_file():
+        ap.error(f"--compare {args.compare}: no such file (an earlier run's --json)")
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.child:
         return child(args)

@@ -66,6 +66,9 @@ def main(argv=None) -> None:
     ap.add_argument("-n", "--repeats", type=int, default=6)
     ap.add_argument("--glibc-default", action="store_true", help="without dft's allocator setting")
     args = ap.parse_args(argv)
+    for flag, path in (("--model", args.model), ("--other", args.other)):
+        if not (path / "config.json").is_file():
+            ap.error(f"{flag} {path}: not a model folder (no config.json)")
     from dft.merging.backend import malloc_stats
 
     if malloc_stats() is None:

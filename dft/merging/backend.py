@@ -207,7 +207,7 @@ def large_blocks_returned_to_os(threshold: int = 4 << 20):
     another; on the 135M model that left 112-128 MB of free heap resident at the peak in 4 runs
     of 6 and none in the others (``bench/merge_heap_probe.py``), the merge peaking at ~910 MB or
     ~790 MB from run to run. With blocks >= ``threshold`` mapped (4 MiB: the temporaries of
-    mergekit's SLERP; at 8 MiB the two levels came back) they go back to the OS when freed:
+    mergekit's SLERP; bench/README.md says why not 8) they go back to the OS when freed:
     ``bench/merge_bench.py --glibc-default`` measures the peak and the cost (page faults on fresh
     mappings: the merge ~1.1x slower).
 

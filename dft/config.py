@@ -114,6 +114,7 @@ class EvalConfig:
     loglik: bool = True  #: log-likelihood over the option letters
     max_new_tokens: int = 8
     batch_size: int = 16
+    dtype: Optional[str] = None  #: evaluation precision; null = ``model.dtype`` (see conf/eval/full.yaml)
     perplexity: bool = True
     ppl_max_docs: Optional[int] = None
     ppl_max_tokens: Optional[int] = 20000  #: cap on scored tokens of the held-out text
@@ -229,6 +230,9 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConfig)
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
 def _choice(key: str, value: Any, allowed) -> None:
     if value not in allowed:
         from dft import DftError
@@ -264,6 +268,9 @@ def validate(cfg: Any) -> None:
         raise DftError(f"model.max_shard_size={cfg.model.max_shard_size!r} is not a size like 100MB or 5GB") from None
     _choice("logger.mode", cfg.logger.mode, ("auto", "online", "offline", "disabled"))
     _choice("device", cfg.device, ("auto", "cpu", "cuda"))
+    _choice("model.dtype", cfg.model.dtype, DTYPES)
+    if cfg.eval.dtype is not None:
+        _choice("eval.dtype", cfg.eval.dtype, DTYPES)
     for key in ("batch_size", "ppl_batch_size", "ppl_block", "max_new_tokens"):
         value = cfg.eval[key]
         if value is not None and value < 1:

@@ -49,8 +49,12 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
-def resolve_dtype(name: str, device: str):
-    """Map a dtype name to ``torch.dtype``; ``auto`` is bf16 on CUDA (the paper's setting), fp32 on CPU."""
+def resolve_dtype(name: str, device: str, key: str = "model.dtype"):
+    """Map a dtype name to ``torch.dtype``; ``auto`` is bf16 on CUDA (the paper's setting), fp32 on CPU.
+
+    Raises:
+        DftError: ``name`` is not a known dtype; the message names the config ``key`` it came from.
+    """
     import torch
 
     if name == "auto":
@@ -60,7 +64,7 @@ def resolve_dtype(name: str, device: str):
     try:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
     except KeyError:
-        raise DftError(f"model.dtype={name!r} is not one of auto, float32, bfloat16, float16") from None
+        raise DftError(f"{key}={name!r} is not one of auto, float32, bfloat16, float16") from None
 
 
 # --------------------------------------------------------------------------- locating weights
@@ -216,8 +220,12 @@ def load_model(
     device: str = "cpu",
     peft_cfg: Any = None,
     for_training: bool = False,
+    dtype: Optional[str] = None,
 ):
     """Load a causal LM from a HF folder in the dtype the hardware runs best.
+
+    ``dtype`` (a name as in ``model.dtype``) overrides ``model_cfg.dtype``; evaluation passes
+    ``eval.dtype`` here.
 
     With ``peft_cfg.method == 'qlora'`` and ``for_training``, the base is loaded in 4-bit NF4
     through bitsandbytes (``BitsAndBytesConfig``); LoRA adapters are added by the TRL trainer
@@ -226,7 +234,7 @@ def load_model(
     import torch
     from transformers import AutoModelForCausalLM
 
-    dtype = resolve_dtype(model_cfg.dtype, device)
+    dtype = resolve_dtype(dtype, device, "eval.dtype") if dtype is not None else resolve_dtype(model_cfg.dtype, device)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if for_training and peft_cfg is not None and peft_cfg.method == "qlora":
         from transformers import BitsAndBytesConfig

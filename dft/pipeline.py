@@ -37,6 +37,11 @@ log = logging.getLogger("dft")
 STAGE_PREP_VERSION = 2
 
 #: fields of model config that change how a stage trains (part of every lineage)
+#: Part of every evaluation's cache key. Bump it when a change to dft/evaluation can move a
+#: number (scoring, prompt, batching that changes float rounding): cached evaluations are then
+#: redone instead of mixed with the new code's. 2: shared-prefix KV cache and eval precision.
+EVAL_VERSION = 2
+
 MODEL_LINEAGE_KEYS = ("pad_token", "eos_tokens", "chat_template", "system_policy", "max_length", "dtype")
 
 
@@ -139,6 +144,7 @@ class Cell:
         if not cfg.eval.benchmarks and not cfg.eval.perplexity and not cfg.eval.chat:
             return {}
         eval_key = canonical_hash({"artefact": art.key, "eval": {k: v for k, v in ev.items() if k != "name"},
+                                   "version": EVAL_VERSION, "precision": self.eval_precision(),
                                    "benchmarks": {b: self.data_identity_eval(b) for b in cfg.eval.benchmarks},
                                    "heldout": self.data_identity("heldout_text") if cfg.eval.perplexity else None})
         cache_dir = self.cache.root / "_eval" / eval_key
@@ -169,6 +175,18 @@ class Cell:
                      "assistant": t["assistant"]} for sc in chat.get("scenarios", []) for t in sc.get("turns", [])])
         return done
 
+    def eval_precision(self) -> dict:
+        """What the numbers' float rounding depends on: the resolved eval dtype and the device type.
+
+        bf16 and fp32 evaluations of one model differ on near-tie items (bench/eval_precision.py),
+        so they are cached apart.
+        """
+        from dft.modeling import resolve_dtype
+
+        name = self.cfg.eval.dtype or self.cfg.model.dtype
+        key = "eval.dtype" if self.cfg.eval.dtype else "model.dtype"
+        return {"dtype": str(resolve_dtype(name, self.device, key)).removeprefix("torch."), "device": self.device}
+
     def data_identity_eval(self, bench: str) -> dict:
         from dft.data import resolve_path
 
@@ -183,7 +201,8 @@ class Cell:
         cfg = self.cfg
         t0 = time.time()
         tok = load_tokenizer(art.path, cfg.model)
-        model = load_model(art.path, cfg.model, device=self.device)
+        model = load_model(art.path, cfg.model, device=self.device, dtype=cfg.eval.dtype)
+        precision = self.eval_precision()
         metrics: dict[str, float] = {}
         tmp = cache_dir.with_name(cache_dir.name + f".tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -193,7 +212,7 @@ class Cell:
             rec = evaluate_mcq(model, tok, cfg.model, items, eos_ids=generation_eos_ids(tok, cfg.model),
                                generate=cfg.eval.generate, loglik=cfg.eval.loglik,
                                max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
-            rec = {"benchmark": bench, "artefact": art.name, **rec}
+            rec = {"benchmark": bench, "artefact": art.name, **precision, **rec}
             write_json(tmp / f"{bench}.json", rec)
             for k in ("acc", "acc_ll"):
                 if rec[k] is not None:
@@ -201,7 +220,7 @@ class Cell:
         if self.heldout is not None:
             ppl = perplexity(model, tok, self.heldout, block=cfg.eval.ppl_block, max_tokens=cfg.eval.ppl_max_tokens,
                              batch_size=cfg.eval.ppl_batch_size or max(1, cfg.eval.batch_size // 4))
-            write_json(tmp / "perplexity.json", {"artefact": art.name, **ppl})
+            write_json(tmp / "perplexity.json", {"artefact": art.name, **precision, **ppl})
             metrics["ppl"] = ppl["ppl"]
         if cfg.eval.chat:
             from dft.evaluation.chat import run_chat

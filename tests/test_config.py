@@ -126,6 +126,17 @@ def test_validate_rejects_eval_batch_sizes_below_one():
         validate(compose(["eval.batch_size=-2"]))
 
 
+def test_validate_rejects_an_unknown_dtype_naming_its_key():
+    from dft import DftError
+    from dft.config import validate
+
+    validate(compose(["eval.dtype=bfloat16"]))
+    with pytest.raises(DftError, match=r"^eval\.dtype='bf16' is not one of auto, float32, bfloat16, float16$"):
+        validate(compose(["eval.dtype=bf16"]))
+    with pytest.raises(DftError, match=r"^model\.dtype='fp32' is not one of auto, float32, bfloat16, float16$"):
+        validate(compose(["model.dtype=fp32"]))
+
+
 def test_validate_rejects_a_shard_size_that_is_not_a_size():
     from dft import DftError
     from dft.config import validate

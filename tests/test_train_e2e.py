@@ -87,6 +87,24 @@ def test_a_new_cell_reuses_the_shared_prefix(tiny_chain, tiny_model):
     assert s["train"]["cpt"]["cached"] and s["train"]["cpt_sft"]["cached"] and not s["train"]["cpt_sft_orpo"]["cached"]
 
 
+def test_eval_dtype_sets_the_evaluation_precision_and_is_cached_apart(tmp_path, tiny_model):
+    """eval.dtype loads the evaluated model in that dtype, records it, and keys the eval cache:
+    a bf16 evaluation is never reused for an fp32 one (they differ on near-ties)."""
+    run_train(["-m", "eval.dtype=bfloat16,float32", "strategy=none", "merge=none", *BASE], tmp_path)
+    cells = sorted(d for d in (tmp_path / "e2e").iterdir() if (d / "summary.json").exists())
+    assert [c.name.split("eval.dtype=")[1].split(",")[0] for c in cells] == ["bfloat16", "float32"]
+    ppl = []
+    for cell, dtype in zip(cells, ["bfloat16", "float32"]):
+        rec = json.loads((cell / "eval" / "start" / "mascqa.json").read_text())
+        assert (rec["dtype"], rec["device"], rec["n"]) == (dtype, "cpu", 4)
+        p = json.loads((cell / "eval" / "start" / "perplexity.json").read_text())
+        assert p["dtype"] == dtype
+        ppl.append(p["ppl"])
+    # the model really ran in each precision: bf16 rounding moves the perplexity, by well under 5 %
+    assert ppl[0] != ppl[1] and ppl[0] == pytest.approx(ppl[1], rel=0.05)
+    assert len(list((tmp_path / "_stages" / "_eval").glob("*/metrics.json"))) == 2
+
+
 def test_multirun_gives_two_cells_and_two_wandb_runs(tmp_path, tiny_model):
     """Two cells in one process: two W&B runs, each with its own config and tags (no cell logs
     into another's run), and no secret from the environment in any file under the sweep."""

@@ -225,7 +225,7 @@ def load_model(
     """Load a causal LM from a HF folder in the dtype the hardware runs best.
 
     ``dtype`` (a name as in ``model.dtype``) overrides ``model_cfg.dtype``; evaluation passes
-    ``eval.dtype`` here.
+    ``eval.dtype`` here, so an unknown name raises ``DftError`` naming ``eval.dtype``.
 
     With ``peft_cfg.method == 'qlora'`` and ``for_training``, the base is loaded in 4-bit NF4
     through bitsandbytes (``BitsAndBytesConfig``); LoRA adapters are added by the TRL trainer

@@ -36,12 +36,12 @@ log = logging.getLogger("dft")
 #: fills max_length are dropped (dft.stages.drop_prompts_filling_max_length)
 STAGE_PREP_VERSION = 2
 
-#: fields of model config that change how a stage trains (part of every lineage)
 #: Part of every evaluation's cache key. Bump it when a change to dft/evaluation can move a
 #: number (scoring, prompt, batching that changes float rounding): cached evaluations are then
 #: redone instead of mixed with the new code's. 2: shared-prefix KV cache and eval precision.
 EVAL_VERSION = 2
 
+#: fields of model config that change how a stage trains (part of every lineage)
 MODEL_LINEAGE_KEYS = ("pad_token", "eos_tokens", "chat_template", "system_policy", "max_length", "dtype")
 
 

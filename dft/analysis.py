@@ -49,7 +49,7 @@ from dft import DftError
 #: Identity columns of :func:`load_sweep` (in order); every other column is a metric or ``train/*``.
 ID_COLUMNS = [
     "sweep", "experiment", "cell", "model", "family", "start", "strategy", "chain", "merge",
-    "peft", "data", "seed", "status", "artefact", "kind", "stages", "parents", "key", "cell_dir",
+    "peft", "data", "eval_dtype", "seed", "status", "artefact", "kind", "stages", "parents", "key", "cell_dir",
 ]
 #: ``summary.json["train"][<artefact>]`` fields shown first (all scalar fields become ``train/*``).
 TRAIN_FIELDS = ("train_loss", "runtime_s", "steps", "rows", "tokens", "trainable_params", "total_params", "cached")
@@ -167,6 +167,7 @@ def _rows(summaries: Iterable[Mapping]) -> list[dict]:
             "merge": s.get("merge") or "none",
             "peft": s.get("peft"),
             "data": s.get("data"),
+            "eval_dtype": s.get("eval_dtype"),  # absent in summaries written before eval.dtype existed
             "seed": s.get("seed"),
             "status": s.get("status"),
             "cell_dir": str(s["_dir"]) if s.get("_dir") is not None else None,

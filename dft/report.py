@@ -156,6 +156,12 @@ def build_report(sweeps, out: str | os.PathLike | None = None, metrics: Sequence
             f"{', '.join(sorted(c['experiment'].dropna().unique()))} | "
             f"{', '.join(sorted(c['family'].dropna().unique()))} | {', '.join(sorted(c['model'].dropna().unique()))} |")
     add("")
+    precisions = cells.groupby(cells["eval_dtype"].fillna("not recorded"))["cell_dir"].nunique()
+    if len(precisions) > 1:
+        add("**Warning: these cells were evaluated in different precisions** (" +
+            ", ".join(f"{k}: {v} cell{'s' if v != 1 else ''}" for k, v in precisions.items()) +
+            "). bf16 rounding decides near-tie items, so their scores are not comparable item by item "
+            "(bench/eval_precision.py); rerun with one `eval.dtype`.\n")
     add("Units: accuracies are fractions of items answered correctly (`acc`: exact-match letter of "
         "the greedy answer, the paper's protocol; `acc_ll`: argmax log-likelihood over the option "
         "letters); `ppl` is the perplexity of the held-out domain text (lower is better). "

@@ -286,3 +286,20 @@ def test_markdown_roundtrip():
     (back,) = R.parse_markdown_tables(R.markdown_table(df))
     assert back.to_dict("list") == {"a": ["x|y", "z"], "b": ["0.1235", "–"], "c": ["yes", "no"]}
     assert R.pct(-0.0) == "+0.0 %" and R.pct(0.1234) == "+12.3 %"
+
+
+def test_report_warns_when_cells_were_evaluated_in_different_precisions(tmp_path):
+    sweep = sweep_builder.write_sweep(tmp_path, "prec", merges=("none",), strategies={"cpt_sft": ["cpt", "sft"]})
+    files = sorted(sweep.rglob("summary.json"))
+    assert len(files) >= 2
+    for i, f in enumerate(files):
+        s = json.loads(f.read_text())
+        s["eval_dtype"] = "bfloat16" if i == 0 else "float32"
+        f.write_text(json.dumps(s))
+    text = R.build_report(sweep, tmp_path / "mixed", progress=False).read_text()
+    assert (f"**Warning: these cells were evaluated in different precisions** (bfloat16: 1 cell, float32: "
+            f"{len(files) - 1} cells).") in text
+    s = json.loads(files[0].read_text())
+    s["eval_dtype"] = "float32"
+    files[0].write_text(json.dumps(s))
+    assert "different precisions" not in R.build_report(sweep, tmp_path / "one", progress=False).read_text()

@@ -39,6 +39,7 @@ def test_chain_writes_every_artefact_and_a_summary(tiny_chain):
     cell = cells[0]
     s = json.loads((cell / "summary.json").read_text())
     assert s["status"] == "finished" and s["chain"] == ["cpt", "sft", "dpo"] and s["merge"] == "slerp"
+    assert s["eval_dtype"] == "float32"  # model.dtype=auto on CPU
     assert [a["name"] for a in s["artefacts"]] == ["start", "cpt", "cpt_sft", "cpt_sft_dpo", "cpt_sft_dpo+slerp"]
     for a in s["artefacts"]:
         assert set(a["metrics"]) == {"mascqa/acc", "mascqa/acc_ll", "mmlu_stem/acc", "mmlu_stem/acc_ll",

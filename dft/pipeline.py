@@ -139,14 +139,12 @@ class Cell:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, art: Artefact) -> dict:
         """Evaluate ``art`` (cached per artefact key and eval config); copy results to ``eval/<name>/``."""
+        from dft.plan import eval_key as plan_eval_key
+
         cfg = self.cfg
-        ev = _container(cfg.eval)
-        if not cfg.eval.benchmarks and not cfg.eval.perplexity and not cfg.eval.chat:
+        eval_key = plan_eval_key(self, art.key)  # one definition for runs and dry-run plans
+        if eval_key is None:
             return {}
-        eval_key = canonical_hash({"artefact": art.key, "eval": {k: v for k, v in ev.items() if k != "name"},
-                                   "version": EVAL_VERSION, "precision": self.eval_precision(),
-                                   "benchmarks": {b: self.data_identity_eval(b) for b in cfg.eval.benchmarks},
-                                   "heldout": self.data_identity("heldout_text") if cfg.eval.perplexity else None})
         cache_dir = self.cache.root / "_eval" / eval_key
         out_dir = self.run_dir / "eval" / art.name
         done = read_json(cache_dir / "metrics.json")

@@ -100,8 +100,12 @@ def merge_lineage(cfg: Any, model_key: str, partner_key: str) -> dict:
 
 
 def eval_key(cell: Any, art_key: str) -> Optional[str]:
-    """Key of the evaluation cache entry of an artefact (as :meth:`Cell.evaluate`); None: no evaluation."""
-    from dft.pipeline import _container
+    """Key of the evaluation cache entry of an artefact (:meth:`Cell.evaluate` uses it); None: no evaluation.
+
+    It covers the artefact, the eval config, ``EVAL_VERSION``, the resolved precision
+    (:meth:`Cell.eval_precision`) and the identity of the benchmark and held-out files.
+    """
+    from dft.pipeline import EVAL_VERSION, _container
     from dft.runs import canonical_hash
 
     cfg = cell.cfg
@@ -109,6 +113,7 @@ def eval_key(cell: Any, art_key: str) -> Optional[str]:
         return None
     ev = _container(cfg.eval)
     return canonical_hash({"artefact": art_key, "eval": {k: v for k, v in ev.items() if k != "name"},
+                           "version": EVAL_VERSION, "precision": cell.eval_precision(),
                            "benchmarks": {b: cell.data_identity_eval(b) for b in cfg.eval.benchmarks},
                            "heldout": cell.data_identity("heldout_text") if cfg.eval.perplexity else None})
 

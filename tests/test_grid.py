@@ -314,6 +314,12 @@ def test_paper_demo_runs_and_reports(tmp_path, tiny_model):
     # 9 distinct artefacts (start, 4 stages, 4 merges), each evaluated once through the eval cache
     assert len(list((tmp_path / "_stages" / "_eval").glob("*/metrics.json"))) == 9
     assert sum(len(s["artefacts"]) for s in sums) == 8 + 18 + 4   # a start per cell, 9 stages per merge setting, 4 merges
+    # a dry run of the same grid finds every evaluation cached: plans and runs share one eval key
+    run_train(["-m", "grid=paper_demo", "model=tiny", "data=tiny", "logger=none", *ONE_STEP, "eval.max_items=2",
+               "eval.ppl_max_tokens=200", "eval.max_new_tokens=2", "dry_run=true"], tmp_path)
+    plans = [json.loads(q.read_text()) for q in (tmp_path / "paper_demo" / ".plan").glob("*.json") if q.name != "_grid.json"]
+    assert len(plans) == 8 and all(e["cached"] is True for pl in plans for e in pl["evals"])
+    assert sum(len(pl["evals"]) for pl in plans) == 8 + 18 + 4
     q = subprocess.run([sys.executable, "-m", "dft.report", str(tmp_path / "paper_demo")], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
     assert q.returncode == 0, q.stderr[-3000:]

@@ -531,8 +531,9 @@ def print_table(summary: dict) -> None:
             v = a["metrics"].get(k)
             cells.append(f"{'':>18}" if v is None else (f"{v:>18.3f}" if k == "ppl" else f"{100 * v:>17.1f}%"))
         print(f"{a['name']:<{w}}  " + "  ".join(cells))
+    where = f"; evaluated in {summary['eval_dtype']} on {summary.get('device', '?')}" if summary.get("eval_dtype") else ""
     print(f"(acc: greedy answer, exact-match letter; acc_ll: log-likelihood over option letters; ppl: held-out "
-          f"perplexity, nats->exp, per token)\nsummary: {Path(summary.get('run_dir', '.')) / 'summary.json'}\n")
+          f"perplexity, nats->exp, per token{where})\nsummary: {Path(summary.get('run_dir', '.')) / 'summary.json'}\n")
 
 
 def run_cell(cfg: DictConfig, run_dir: Path, cell: str) -> Optional[float]:

@@ -68,6 +68,7 @@ def test_chain_writes_every_artefact_and_a_summary(tiny_chain):
     assert meta["packages"]["trl"] and meta["experiment"] == "e2e"
     assert list((cell / "wandb").glob("offline-run-*/run-*.wandb")), "no W&B offline run"
     assert "cpt_sft_dpo+slerp" in p.stdout  # the final table
+    assert "per token; evaluated in float32 on cpu)" in p.stdout
 
 
 def test_same_overrides_rerun_skips_the_finished_cell(tiny_chain, tiny_model):

@@ -492,15 +492,17 @@ class Cell:
             L = t.get("max_length", cfg.model.max_length)
             lines.append(f"  {stage}: effective batch {bs} x {L} tokens, max_steps {t.get('max_steps', -1)}, "
                          f"lr {t.get('learning_rate')}")
-        if self.device == "cpu":
-            lines.append("  no CUDA device: bf16 and gradient checkpointing are off (they fail or run ~13x slower on CPU)")
+        if self.device == "cpu" and cfg.strategy.chain:
+            lines.append("  no CUDA device: training runs without bf16 and gradient checkpointing (they fail or run ~13x "
+                         "slower on CPU)")
         try:
             from dft.memory import describe
 
             from transformers import AutoConfig
 
-            lines.append("  " + describe(cfg.model, cfg.peft, _container(cfg.strategy[cfg.strategy.chain[0]].trainer)
-                                         if cfg.strategy.chain else {}, AutoConfig.from_pretrained(start_path)))
+            if cfg.strategy.chain:  # a training-memory estimate; a cell that only evaluates has none
+                lines.append("  " + describe(cfg.model, cfg.peft, _container(cfg.strategy[cfg.strategy.chain[0]].trainer),
+                                             AutoConfig.from_pretrained(start_path)))
         except Exception as e:  # noqa: BLE001 - the estimate is informative only
             log.debug("memory estimate unavailable: %s", e)
         for ln in lines:

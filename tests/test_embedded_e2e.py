@@ -64,3 +64,26 @@ def test_artefacts_are_sharded_at_max_shard_size(embedded_run, embedded_model):
             assert len(sizes) >= 5 and sizes[-1] <= largest_input + 10**5, (a["name"], sizes)
         else:
             assert len(sizes) >= 6 and sizes[-2] <= 100 * 10**6 + 10**5, (a["name"], sizes)
+
+
+@pytest.mark.slow
+def test_full_mcq_set_on_the_embedded_start_model(tmp_path, embedded_model):
+    """``eval=full``'s MCQ part on the real 135M start model (about 6 min on 2 cores): every item of
+    every benchmark is scored, accuracies lie between 0 and 1, and the prefill accounting adds up
+    (the shared prefix forwarded once, each prompt's rest once, little padding)."""
+    from conftest import compose
+    from dft.data import load_benchmark
+
+    run_train(["strategy=none", "merge=none", "eval=full", "eval.perplexity=false", "experiment=full"], tmp_path,
+              timeout=1800)
+    cell = next((tmp_path / "full").glob("*/summary.json")).parent
+    cfg = compose(["eval=full"])
+    for bench in cfg.eval.benchmarks:
+        rec = json.loads((cell / "eval" / "start" / f"{bench}.json").read_text())
+        assert rec["n"] == len(load_benchmark(cfg.data, bench)) == len(rec["items"])
+        assert (rec["dtype"], rec["device"]) == ("float32", "cpu")
+        assert 0 < rec["acc"] < 1 and 0 < rec["acc_ll"] < 1
+        t = rec["tokens"]
+        assert t["shared_prefix"] >= 30  # chat template header + system prompt + the paper's instruction
+        assert t["prefilled"] == t["prompt"] - (rec["n"] - 1) * t["shared_prefix"] + t["padding"]
+        assert t["padding"] < 0.1 * t["prefilled"]

@@ -69,6 +69,7 @@ def test_chain_writes_every_artefact_and_a_summary(tiny_chain):
     assert list((cell / "wandb").glob("offline-run-*/run-*.wandb")), "no W&B offline run"
     assert "cpt_sft_dpo+slerp" in p.stdout  # the final table
     assert "per token; evaluated in float32 on cpu)" in p.stdout
+    assert "memory estimate per process (CPU)" in p.stdout + p.stderr and "training runs without bf16" in p.stdout + p.stderr
 
 
 def test_same_overrides_rerun_skips_the_finished_cell(tiny_chain, tiny_model):
@@ -92,7 +93,9 @@ def test_a_new_cell_reuses_the_shared_prefix(tiny_chain, tiny_model):
 def test_eval_dtype_sets_the_evaluation_precision_and_is_cached_apart(tmp_path, tiny_model):
     """eval.dtype loads the evaluated model in that dtype, records it, and keys the eval cache:
     a bf16 evaluation is never reused for an fp32 one (they differ on near-ties)."""
-    run_train(["-m", "eval.dtype=bfloat16,float32", "strategy=none", "merge=none", *BASE], tmp_path)
+    p = run_train(["-m", "eval.dtype=bfloat16,float32", "strategy=none", "merge=none", *BASE], tmp_path)
+    # nothing is trained: no training-memory estimate, no note on training without bf16
+    assert "memory estimate" not in p.stdout + p.stderr and "training runs without" not in p.stdout + p.stderr
     cells = sorted(d for d in (tmp_path / "e2e").iterdir() if (d / "summary.json").exists())
     assert [c.name.split("eval.dtype=")[1].split(",")[0] for c in cells] == ["bfloat16", "float32"]
     ppl = []

@@ -78,6 +78,7 @@ def test_full_mcq_set_on_the_embedded_start_model(tmp_path, embedded_model):
               timeout=1800)
     cell = next((tmp_path / "full").glob("*/summary.json")).parent
     cfg = compose(["eval=full"])
+    padding = prefilled = 0
     for bench in cfg.eval.benchmarks:
         rec = json.loads((cell / "eval" / "start" / f"{bench}.json").read_text())
         assert rec["n"] == len(load_benchmark(cfg.data, bench)) == len(rec["items"])
@@ -86,4 +87,6 @@ def test_full_mcq_set_on_the_embedded_start_model(tmp_path, embedded_model):
         t = rec["tokens"]
         assert t["shared_prefix"] >= 30  # chat template header + system prompt + the paper's instruction
         assert t["prefilled"] == t["prompt"] - (rec["n"] - 1) * t["shared_prefix"] + t["padding"]
-        assert t["padding"] < 0.1 * t["prefilled"]
+        assert t["padding"] < 0.15 * t["prefilled"]  # batches of 32 sorted by token length (mascqa: 10 %)
+        padding, prefilled = padding + t["padding"], prefilled + t["prefilled"]
+    assert padding < 0.05 * prefilled  # 8,728 of 196,004 measured (bench/README.md)

@@ -12,12 +12,14 @@ accuracies, and against the first dtype (fp32) the time ratio and how many greed
 log-likelihood letters changed.
 
 The fp32 floor: after its evaluation, the first child times this machine's GEMMs on the model's
-own linear layers (``F.linear`` of a ``[2048, in]`` activation with every ``[out, in]`` weight
-of the decoder layers, lm_head excluded; median of 5 passes over all layers), in fp32 and bf16.
+own linear layer shapes (``F.linear`` of a ``[2048, in]`` activation with a ``[out, in]`` weight
+per decoder layer, lm_head excluded; one random weight per distinct shape, so the weights stay
+warmer in cache than the model's 106M parameters would; median of 5 passes), in fp32 and bf16.
 The evaluation's prefill runs ``prefilled tokens x 2 x (those layers' parameters)`` FLOPs through
 exactly those GEMMs (the ``tokens`` record of ``evaluate_mcq``); divided by the measured rate it is
-the time these GEMMs alone take at this machine's speed, a lower bound for any fp32 evaluation
-of the same tokens here (attention, norms, the decode steps and lm_head come on top).
+the time these GEMMs alone take at the speed torch reaches here: a lower bound for fp32
+evaluation of the same tokens on this machine (attention, norms, the decode steps and lm_head
+come on top). With ``--dtypes`` not starting with float32, the floor is given for that dtype.
 """
 
 from __future__ import annotations

@@ -200,7 +200,8 @@ class Cell:
         t0 = time.time()
         tok = load_tokenizer(art.path, cfg.model)
         model = load_model(art.path, cfg.model, device=self.device, dtype=cfg.eval.dtype)
-        precision = self.eval_precision()
+        # what the records say is what ran: the loaded weights' dtype (the key's is resolved from the config)
+        precision = {"dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "device": self.device}
         metrics: dict[str, float] = {}
         tmp = cache_dir.with_name(cache_dir.name + f".tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -467,7 +468,10 @@ class Cell:
             "experiment": cfg.experiment, "cell": self.cell, "model": cfg.model.name, "family": cfg.model.family,
             "start": cfg.model.start, "strategy": cfg.strategy.name, "chain": list(cfg.strategy.chain),
             "merge": cfg.merge.method, "merge_at": cfg.merge.at, "peft": cfg.peft.method, "data": cfg.data.name,
-            "eval": cfg.eval.name, "eval_dtype": self.eval_precision()["dtype"], "seed": cfg.seed, "status": "finished",
+            "eval": cfg.eval.name, "seed": cfg.seed, "status": "finished",
+            # null when the cell evaluates nothing (eval=none)
+            "eval_dtype": self.eval_precision()["dtype"] if (cfg.eval.benchmarks or cfg.eval.perplexity or cfg.eval.chat)
+            else None,
             "device": self.device,
             "artefacts": [a.record() for a in self.artefacts],
             "train": train, "synergy": syn,

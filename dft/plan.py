@@ -103,7 +103,10 @@ def eval_key(cell: Any, art_key: str) -> Optional[str]:
     """Key of the evaluation cache entry of an artefact (:meth:`Cell.evaluate` uses it); None: no evaluation.
 
     It covers the artefact, the eval config, ``EVAL_VERSION``, the resolved precision
-    (:meth:`Cell.eval_precision`) and the identity of the benchmark and held-out files.
+    (:meth:`Cell.eval_precision`, in place of the ``eval.dtype`` name: null, ``auto`` and
+    ``float32`` on a CPU share one entry) and the identity of the benchmark and held-out files.
+    The precision is resolved on this machine: a dry run on a CPU login node of a sweep whose
+    jobs run on GPUs with ``model.dtype=auto`` (bf16 there) reports their evaluations as not cached.
     """
     from dft.pipeline import EVAL_VERSION, _container
     from dft.runs import canonical_hash
@@ -112,7 +115,7 @@ def eval_key(cell: Any, art_key: str) -> Optional[str]:
     if not cfg.eval.benchmarks and not cfg.eval.perplexity and not cfg.eval.chat:
         return None
     ev = _container(cfg.eval)
-    return canonical_hash({"artefact": art_key, "eval": {k: v for k, v in ev.items() if k != "name"},
+    return canonical_hash({"artefact": art_key, "eval": {k: v for k, v in ev.items() if k not in ("name", "dtype")},
                            "version": EVAL_VERSION, "precision": cell.eval_precision(),
                            "benchmarks": {b: cell.data_identity_eval(b) for b in cfg.eval.benchmarks},
                            "heldout": cell.data_identity("heldout_text") if cfg.eval.perplexity else None})

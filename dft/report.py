@@ -156,7 +156,8 @@ def build_report(sweeps, out: str | os.PathLike | None = None, metrics: Sequence
             f"{', '.join(sorted(c['experiment'].dropna().unique()))} | "
             f"{', '.join(sorted(c['family'].dropna().unique()))} | {', '.join(sorted(c['model'].dropna().unique()))} |")
     add("")
-    precisions = cells.groupby(cells["eval_dtype"].fillna("not recorded"))["cell_dir"].nunique()
+    # cells without a recorded precision (eval=none, or summaries older than eval.dtype) are left out
+    precisions = cells.dropna(subset=["eval_dtype"]).groupby("eval_dtype")["cell_dir"].nunique()
     if len(precisions) > 1:
         add("**Warning: these cells were evaluated in different precisions** (" +
             ", ".join(f"{k}: {v} cell{'s' if v != 1 else ''}" for k, v in precisions.items()) +

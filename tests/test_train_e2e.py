@@ -91,8 +91,10 @@ def test_a_new_cell_reuses_the_shared_prefix(tiny_chain, tiny_model):
 
 
 def test_eval_dtype_sets_the_evaluation_precision_and_is_cached_apart(tmp_path, tiny_model):
-    """eval.dtype loads the evaluated model in that dtype, records it, and keys the eval cache:
-    a bf16 evaluation is never reused for an fp32 one (they differ on near-ties)."""
+    """eval.dtype loads the evaluated model in that dtype, records it, and keys the eval cache by
+    the resolved precision (the eval.dtype name itself is not in the key): a bf16 evaluation is
+    never reused for an fp32 one (they differ on near-ties), and one precision asked for in two
+    ways shares one entry."""
     p = run_train(["-m", "eval.dtype=bfloat16,float32", "strategy=none", "merge=none", *BASE], tmp_path)
     # nothing is trained: no training-memory estimate, no note on training without bf16
     assert "memory estimate" not in p.stdout + p.stderr and "training runs without" not in p.stdout + p.stderr
@@ -108,6 +110,14 @@ def test_eval_dtype_sets_the_evaluation_precision_and_is_cached_apart(tmp_path, 
     # the model really ran in each precision: bf16 rounding moves the perplexity, by well under 5 %
     assert ppl[0] != ppl[1] and ppl[0] == pytest.approx(ppl[1], rel=0.05)
     assert len(list((tmp_path / "_stages" / "_eval").glob("*/metrics.json"))) == 2
+    # one precision, one entry: on a CPU eval.dtype=null (model.dtype=auto) is float32 and reuses it
+    run_train(["strategy=none", "merge=none", *BASE, "experiment=e2e_null"], tmp_path)
+    assert len(list((tmp_path / "_stages" / "_eval").glob("*/metrics.json"))) == 2
+    # bf16 asked for through model.dtype is the same precision as eval.dtype=bfloat16: reused
+    run_train(["strategy=none", "merge=none", "model.dtype=bfloat16", *BASE, "experiment=e2e_bf16"], tmp_path)
+    assert len(list((tmp_path / "_stages" / "_eval").glob("*/metrics.json"))) == 2
+    s = json.loads(next((tmp_path / "e2e_bf16").glob("*/summary.json")).read_text())
+    assert s["eval_dtype"] == "bfloat16"
 
 
 def test_multirun_gives_two_cells_and_two_wandb_runs(tmp_path, tiny_model):
@@ -124,6 +134,8 @@ def test_multirun_gives_two_cells_and_two_wandb_runs(tmp_path, tiny_model):
                      "data=tiny,eval=none,merge=none,model=tiny,strategy.dpo.trainer.max_steps=1,"
                      "strategy.orpo.trainer.max_steps=1,strategy=orpo"]
     ids = set()
+    for c in cells:  # eval=none: nothing evaluated, no precision to record
+        assert json.loads((tmp_path / "mr" / c / "summary.json").read_text())["eval_dtype"] is None
     for c, mine, other in zip(cells, ["dpo", "orpo"], ["orpo", "dpo"]):
         runs = list((tmp_path / "mr" / c / "wandb").glob("offline-run-*"))
         assert len(runs) == 1

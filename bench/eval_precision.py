@@ -12,9 +12,9 @@ accuracies, and against the first dtype (fp32) the time ratio and how many greed
 log-likelihood letters changed.
 
 The fp32 floor: after its evaluation, the first child times this machine's GEMMs on the model's
-own linear layer shapes (``F.linear`` of a ``[2048, in]`` activation with a ``[out, in]`` weight
-per decoder layer, lm_head excluded; one random weight per distinct shape, so the weights stay
-warmer in cache than the model's 106M parameters would; median of 5 passes), in fp32 and bf16.
+own linear layer shapes (``F.linear`` of a ``[2048, in]`` activation with a random ``[out, in]``
+weight per decoder layer, as many weights as the model has, lm_head excluded; median of 5
+passes over all layers), in fp32 and bf16.
 The evaluation's prefill runs ``prefilled tokens x 2 x (those layers' parameters)`` FLOPs through
 exactly those GEMMs (the ``tokens`` record of ``evaluate_mcq``); divided by the measured rate it is
 the time these GEMMs alone take at the speed torch reaches here: a lower bound for fp32
@@ -50,13 +50,13 @@ def gemm_rates(model, rows: int = 2048, passes: int = 5) -> dict:
     params = sum(o * i for o, i in shapes)
     out = {"params": params, "rows": rows}
     for dt in (torch.float32, torch.bfloat16):
-        weights = {s: torch.randn(*s, dtype=dt) for s in set(shapes)}
+        weights = [torch.randn(*s, dtype=dt) for s in shapes]  # one per layer, as many bytes as the model's
         acts = {i: torch.randn(rows, i, dtype=dt) for _, i in set(shapes)}
         times = []
         for p in range(passes + 1):
             t0 = time.perf_counter()
-            for s in shapes:
-                F.linear(acts[s[1]], weights[s])
+            for w in weights:
+                F.linear(acts[w.shape[1]], w)
             if p:  # the first pass warms up
                 times.append(time.perf_counter() - t0)
         out[str(dt).removeprefix("torch.")] = 2 * rows * params / median(times) / 1e9

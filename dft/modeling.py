@@ -64,7 +64,9 @@ def resolve_dtype(name: str, device: str, key: str = "model.dtype"):
     try:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
     except KeyError:
-        raise DftError(f"{key}={name!r} is not one of auto, float32, bfloat16, float16") from None
+        from dft.config import DTYPES
+
+        raise DftError(f"{key}={name!r} is not one of {', '.join(DTYPES)}") from None
 
 
 # --------------------------------------------------------------------------- locating weights
@@ -224,8 +226,8 @@ def load_model(
 ):
     """Load a causal LM from a HF folder in the dtype the hardware runs best.
 
-    ``dtype`` (a name as in ``model.dtype``) overrides ``model_cfg.dtype``; evaluation passes
-    ``eval.dtype`` here, so an unknown name raises ``DftError`` naming ``eval.dtype``.
+    ``dtype`` (a name as in ``model.dtype``) overrides ``model_cfg.dtype``; evaluation passes the
+    precision :meth:`dft.pipeline.Cell.eval_precision` resolved from ``eval.dtype``.
 
     With ``peft_cfg.method == 'qlora'`` and ``for_training``, the base is loaded in 4-bit NF4
     through bitsandbytes (``BitsAndBytesConfig``); LoRA adapters are added by the TRL trainer
@@ -234,7 +236,7 @@ def load_model(
     import torch
     from transformers import AutoModelForCausalLM
 
-    dtype = resolve_dtype(dtype, device, "eval.dtype") if dtype is not None else resolve_dtype(model_cfg.dtype, device)
+    dtype = resolve_dtype(dtype, device, "dtype") if dtype is not None else resolve_dtype(model_cfg.dtype, device)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if for_training and peft_cfg is not None and peft_cfg.method == "qlora":
         from transformers import BitsAndBytesConfig

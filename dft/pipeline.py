@@ -199,7 +199,7 @@ class Cell:
         cfg = self.cfg
         t0 = time.time()
         tok = load_tokenizer(art.path, cfg.model)
-        model = load_model(art.path, cfg.model, device=self.device, dtype=cfg.eval.dtype)
+        model = load_model(art.path, cfg.model, device=self.device, dtype=self.eval_precision()["dtype"])
         # what the records say is what ran: the loaded weights' dtype (the key's is resolved from the config)
         precision = {"dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "device": self.device}
         metrics: dict[str, float] = {}
@@ -445,6 +445,7 @@ class Cell:
 
     def summary(self, merges: list[Artefact], partner: Optional[Artefact]) -> dict:
         from dft.merging import synergy
+        from dft.plan import evaluates
 
         cfg = self.cfg
         metrics = {f"eval/{a.name}/{k}": v for a in self.artefacts for k, v in a.metrics.items()}
@@ -470,8 +471,7 @@ class Cell:
             "merge": cfg.merge.method, "merge_at": cfg.merge.at, "peft": cfg.peft.method, "data": cfg.data.name,
             "eval": cfg.eval.name, "seed": cfg.seed, "status": "finished",
             # null when the cell evaluates nothing (eval=none)
-            "eval_dtype": self.eval_precision()["dtype"] if (cfg.eval.benchmarks or cfg.eval.perplexity or cfg.eval.chat)
-            else None,
+            "eval_dtype": self.eval_precision()["dtype"] if evaluates(cfg) else None,
             "device": self.device,
             "artefacts": [a.record() for a in self.artefacts],
             "train": train, "synergy": syn,

@@ -99,6 +99,11 @@ def merge_lineage(cfg: Any, model_key: str, partner_key: str) -> dict:
             "merge": {k: v for k, v in _container(cfg.merge).items() if k != "at"}}
 
 
+def evaluates(cfg: Any) -> bool:
+    """Whether a cell's eval config evaluates anything (MCQ benchmarks, perplexity or chat)."""
+    return bool(cfg.eval.benchmarks or cfg.eval.perplexity or cfg.eval.chat)
+
+
 def eval_key(cell: Any, art_key: str) -> Optional[str]:
     """Key of the evaluation cache entry of an artefact (:meth:`Cell.evaluate` uses it); None: no evaluation.
 
@@ -112,7 +117,7 @@ def eval_key(cell: Any, art_key: str) -> Optional[str]:
     from dft.runs import canonical_hash
 
     cfg = cell.cfg
-    if not cfg.eval.benchmarks and not cfg.eval.perplexity and not cfg.eval.chat:
+    if not evaluates(cfg):
         return None
     ev = _container(cfg.eval)
     return canonical_hash({"artefact": art_key, "eval": {k: v for k, v in ev.items() if k not in ("name", "dtype")},

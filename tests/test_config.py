@@ -115,32 +115,24 @@ def test_validate_rejects_a_chain_stage_without_config():
         validate(cfg)
 
 
-def test_validate_rejects_eval_batch_sizes_below_one():
+@pytest.mark.parametrize("overrides", [["eval=full", "eval.ppl_batch_size=null"], ["eval.dtype=bfloat16"],
+                                       ["model.max_shard_size=250MB"]])
+def test_validate_accepts(overrides):
+    from dft.config import validate
+
+    validate(compose(overrides))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("eval.ppl_batch_size=0", r"^eval\.ppl_batch_size=0 must be at least 1 \(or null\)$"),
+    ("eval.batch_size=-2", r"^eval\.batch_size=-2 must be at least 1$"),
+    ("eval.dtype=bf16", r"^eval\.dtype='bf16' is not one of auto, float32, bfloat16, float16$"),
+    ("model.dtype=fp32", r"^model\.dtype='fp32' is not one of auto, float32, bfloat16, float16$"),
+    ("model.max_shard_size=abc", r"^model\.max_shard_size='abc' is not a size like 100MB or 5GB$"),
+])
+def test_validate_rejects_in_one_line_naming_the_key(override, message):
     from dft import DftError
     from dft.config import validate
 
-    validate(compose(["eval=full", "eval.ppl_batch_size=null"]))
-    with pytest.raises(DftError, match=r"^eval\.ppl_batch_size=0 must be at least 1 \(or null\)$"):
-        validate(compose(["eval.ppl_batch_size=0"]))
-    with pytest.raises(DftError, match=r"^eval\.batch_size=-2 must be at least 1$"):
-        validate(compose(["eval.batch_size=-2"]))
-
-
-def test_validate_rejects_an_unknown_dtype_naming_its_key():
-    from dft import DftError
-    from dft.config import validate
-
-    validate(compose(["eval.dtype=bfloat16"]))
-    with pytest.raises(DftError, match=r"^eval\.dtype='bf16' is not one of auto, float32, bfloat16, float16$"):
-        validate(compose(["eval.dtype=bf16"]))
-    with pytest.raises(DftError, match=r"^model\.dtype='fp32' is not one of auto, float32, bfloat16, float16$"):
-        validate(compose(["model.dtype=fp32"]))
-
-
-def test_validate_rejects_a_shard_size_that_is_not_a_size():
-    from dft import DftError
-    from dft.config import validate
-
-    validate(compose(["model.max_shard_size=250MB"]))
-    with pytest.raises(DftError, match=r"^model\.max_shard_size='abc' is not a size like 100MB or 5GB$"):
-        validate(compose(["model.max_shard_size=abc"]))
+    with pytest.raises(DftError, match=message):
+        validate(compose([override]))

@@ -61,6 +61,11 @@ class StageConfig:
 
     kind: str = MISSING  #: ``cpt`` | ``sft`` | ``dpo`` | ``orpo``
     max_samples: Optional[int] = None  #: rows of the split to use (null = all)
+    #: a row whose completion does not fit in max_length: ``drop`` (counted, warned) | ``keep`` (cut,
+    #: counted, warned) | ``error`` (see dft.stages.TRUNCATION_POLICIES)
+    truncation: str = "drop"
+    #: ORPO's NLL term over ``completion`` (the paper) | ``prompt_and_completion`` (TRL's); other stages: completion
+    nll_over: str = "completion"
     trainer: Dict[str, Any] = field(default_factory=dict)
 
 

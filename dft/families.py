@@ -372,6 +372,64 @@ def stop_token_ids(tok, model_cfg: Any) -> list[int]:
     return ids
 
 
+#: The token that ends a training document (CPT) per family: the base model's document end, never
+#: the instruct tokenizer's turn end (an instruct tokenizer's ``eos_token`` is ``<|im_end|>`` /
+#: ``<|eot_id|>``, which CPT would otherwise teach as a document separator).
+DOC_END_TOKENS = {"llama3": "<|end_of_text|>", "mistral": "</s>", "smollm": "<|endoftext|>", "smollm2": "<|endoftext|>"}
+#: The token the chat template writes at the end of every assistant turn, per family.
+TURN_END_TOKENS = {"llama3": "<|eot_id|>", "mistral": "</s>", "smollm": "<|im_end|>", "smollm2": "<|im_end|>"}
+#: Families whose chat template requires strictly alternating ``user``/``assistant`` turns after the
+#: optional system message (Mistral v0.3's raises a jinja ``TemplateError`` otherwise).
+ALTERNATING_FAMILIES = ("mistral",)
+
+
+def _family_token(table: dict, tok, model_cfg: Any, what: str) -> tuple[str, int]:
+    token = table.get(model_cfg.family)
+    if token is None:  # a family dft does not know: the first configured end token, else the tokenizer's EOS
+        token = (list(model_cfg.eos_tokens) or [tok.eos_token])[0]
+    i = _token_id(tok, token)
+    if i is None:
+        raise DftError(f"the {what} token {token!r} of family {model_cfg.family!r} is not in the vocabulary of {model_cfg.name}")
+    return token, i
+
+
+def doc_end_token(tok, model_cfg: Any) -> tuple[str, int]:
+    """``(token, id)`` that CPT appends to every document (:data:`DOC_END_TOKENS`; for an unknown family
+    the first of ``model.eos_tokens``).
+
+    Raises:
+        DftError: the token is not in the vocabulary.
+    """
+    return _family_token(DOC_END_TOKENS, tok, model_cfg, "document-end")
+
+
+def turn_end_token(tok, model_cfg: Any) -> tuple[str, int]:
+    """``(token, id)`` the chat template ends an assistant turn with (:data:`TURN_END_TOKENS`).
+
+    Raises:
+        DftError: the token is not in the vocabulary.
+    """
+    return _family_token(TURN_END_TOKENS, tok, model_cfg, "turn-end")
+
+
+def conversation_problem(messages: list[dict], model_cfg: Any) -> Optional[str]:
+    """Why the family's chat template would refuse ``messages`` (after the system policy), or None.
+
+    Mistral v0.3 (:data:`ALTERNATING_FAMILIES`): after an optional system message the roles must
+    alternate ``user, assistant, user, ...``, the same test its template makes before raising.
+    """
+    if model_cfg.family not in ALTERNATING_FAMILIES:
+        return None
+    turns = [m for m in apply_system_policy(messages, model_cfg) if m["role"] != "system"]
+    for i, m in enumerate(turns):
+        want = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != want:
+            roles = ", ".join(t["role"] for t in turns)
+            return (f"roles must alternate user/assistant for family {model_cfg.family!r} "
+                    f"(turn {i + 1} is '{m['role']}', expected '{want}'; roles: {roles})")
+    return None
+
+
 def apply_system_policy(messages: list[dict], model_cfg: Any) -> list[dict]:
     """Return ``messages`` rendered per the family's system-message policy.
 

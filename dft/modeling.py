@@ -288,6 +288,52 @@ def peft_config(peft_cfg: Any, model_cfg: Any):
     )
 
 
+def check_peft_targets(model, lora_config) -> None:
+    """Refuse a LoRA on an embedding that is tied to ``lm_head``.
+
+    With ``tie_word_embeddings`` (SmolLM, SmolLM2), a LoRA on ``embed_tokens`` trains the input
+    embedding only (``lm_head`` keeps reading the base weight), but merging writes ``W + BA`` into
+    the one shared tensor, so the saved model's output head differs from the trained one's.
+
+    Raises:
+        DftError: naming ``peft.target_modules`` and the tied module.
+    """
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    if hasattr(model.config, "get_text_config"):
+        tied = getattr(model.config.get_text_config(), "tie_word_embeddings", tied)
+    if not tied:
+        return
+    targets = lora_config.target_modules
+    targets = [targets] if isinstance(targets, str) else list(targets or [])
+    bad = [t for t in targets if t in ("embed_tokens", "lm_head") or t.endswith((".embed_tokens", ".lm_head"))]
+    if bad:
+        raise DftError(
+            f"peft.target_modules lists {bad[0]!r}, but this model ties its input embedding to lm_head: merging the "
+            "adapter would change both and the saved model would differ from the trained one; drop it from "
+            "peft.target_modules (or train the embeddings with peft=full)"
+        )
+
+
+def write_special_tokens(model, tokenizer, model_cfg: Any) -> None:
+    """Set the tokenizer's pad and BOS ids and the family's end tokens on ``model.config`` and
+    ``model.generation_config``, so that a saved folder's ``config.json`` / ``generation_config.json``
+    tell other tools (vLLM, lm-eval, mergekit) what dft trained with, whatever the base's files said
+    (Meta's Llama 3.1 ships no ``pad_token_id``; SmolLM2's says 2, its EOS)."""
+    from transformers import GenerationConfig
+
+    from dft.families import stop_token_ids
+
+    stops = stop_token_ids(tokenizer, model_cfg)
+    eos = stops[0] if len(stops) == 1 else stops
+    for cfg in {id(model.config): model.config, id(model.config.get_text_config()): model.config.get_text_config()}.values():
+        cfg.pad_token_id = tokenizer.pad_token_id
+        cfg.eos_token_id = eos
+        cfg.bos_token_id = tokenizer.bos_token_id
+    gen = getattr(model, "generation_config", None) or GenerationConfig()
+    gen.pad_token_id, gen.eos_token_id, gen.bos_token_id = tokenizer.pad_token_id, eos, tokenizer.bos_token_id
+    model.generation_config = gen
+
+
 def save_merged(trained_model, base_path: str | os.PathLike, model_cfg: Any, out_dir: Path, tokenizer) -> None:
     """Save a trained model as a plain HF folder (LoRA adapters merged into an unquantised base).
 
@@ -295,8 +341,9 @@ def save_merged(trained_model, base_path: str | os.PathLike, model_cfg: Any, out
     reloaded *unquantised* (merging into a 4-bit base degrades the model, see DESIGN.md §6)
     and the full weights are written with ``safe_serialization``; the adapter is kept in
     ``adapter/`` next to them, in safetensors shards of at most ``model_cfg.max_shard_size``
-    (a later merge holds about one shard per model in memory, not whole models). ``out_dir``
-    must not exist; the caller renames it into place.
+    (a later merge holds about one shard per model in memory, not whole models). ``config.json`` and
+    ``generation_config.json`` carry the tokenizer's pad / BOS and the family's end tokens
+    (:func:`write_special_tokens`). ``out_dir`` must not exist; the caller renames it into place.
     """
     from peft import PeftModel
 
@@ -307,8 +354,10 @@ def save_merged(trained_model, base_path: str | os.PathLike, model_cfg: Any, out
         trained_model.save_pretrained(adapter_dir)
         base = load_model(base_path, model_cfg, device="cpu")
         merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+        write_special_tokens(merged, tokenizer, model_cfg)
         merged.save_pretrained(out_dir, max_shard_size=shard)
     else:
+        write_special_tokens(trained_model, tokenizer, model_cfg)
         trained_model.save_pretrained(out_dir, max_shard_size=shard)
     tokenizer.save_pretrained(out_dir)
 

@@ -34,7 +34,7 @@ log = logging.getLogger("dft")
 #: version of how dft turns a split's rows into a stage's training set (part of every stage's lineage,
 #: so a change here retrains cached stages instead of reusing them): 2 = rows whose prompt alone
 #: fills max_length are dropped (dft.stages.drop_prompts_filling_max_length)
-STAGE_PREP_VERSION = 2
+STAGE_PREP_VERSION = 3  # 3: truncation policy, CPT document-end token, ORPO tokens/NLL scope
 
 #: Part of every evaluation's cache key. Bump it when a change to dft/evaluation can move a
 #: number (scoring, prompt, batching that changes float rounding): cached evaluations are then
@@ -119,7 +119,7 @@ class Cell:
             split = STAGE_SPLIT[stage]
             require_split(cfg.data, split, stage)
             if split not in rows:
-                rows[split] = load_split(cfg.data, split)
+                rows[split] = load_split(cfg.data, split, cfg.model)  # family template rules too
         self.benchmarks = {b: load_benchmark(cfg.data, b)[: cfg.eval.max_items or None] for b in cfg.eval.benchmarks}
         self.heldout = None
         if cfg.eval.perplexity:
@@ -464,7 +464,7 @@ class Cell:
         train = {}
         for name, f in self.train_facts.items():
             train[name] = {k: f.get(k) for k in ("train_loss", "runtime_s", "steps", "rows", "rows_dropped_long_prompt",
-                                                 "trainable_params", "total_params", "cached", "log_history")}
+                                                 "audit", "probe", "trainable_params", "total_params", "cached", "log_history")}
         return {
             "experiment": cfg.experiment, "cell": self.cell, "model": cfg.model.name, "family": cfg.model.family,
             "start": cfg.model.start, "strategy": cfg.strategy.name, "chain": list(cfg.strategy.chain),

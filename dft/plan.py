@@ -287,7 +287,8 @@ def make_plan(cell: Any) -> dict:
         key = canonical_hash(lineage)
         sc = cfg.strategy[stage]
         args = build_trl_config(stage, plain(sc.trainer), output_dir=str(cell.run_dir / "dry"), device=cell.device,
-                                peft_cfg=cfg.peft, model_cfg=cfg.model, report_to="none", seed=cfg.seed)
+                                peft_cfg=cfg.peft, model_cfg=cfg.model, report_to="none", seed=cfg.seed,
+                                stage_cfg=sc)
         use = rows[STAGE_SPLIT[stage]]
         use = use[: sc.max_samples] if sc.max_samples else use
         stages.append({"artefact": name, "kind": stage, "key": key, "cached": cached(key),

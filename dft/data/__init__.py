@@ -109,15 +109,29 @@ def require_split(data_cfg: Any, split: str, stage: str) -> Path:
     return _existing(value, f"data.{split}", f"stage '{stage}' needs data.{split}, but ")
 
 
-def load_split(data_cfg: Any, split: str) -> list[dict]:
-    """Rows of ``data.<split>`` (``text``, ``heldout_text``, ``messages`` or ``preference``), validated."""
+def load_split(data_cfg: Any, split: str, model_cfg: Any = None) -> list[dict]:
+    """Rows of ``data.<split>`` (``text``, ``heldout_text``, ``messages`` or ``preference``), validated.
+
+    With ``model_cfg``, conversations are also checked against the family's chat-template rules
+    (:func:`dft.families.conversation_problem`, e.g. Mistral's strict user/assistant alternation), so a
+    row the template would refuse fails here with its file and line (or is skipped with
+    ``data.skip_bad_rows``), not after the model loaded.
+    """
     _check_split_name(split)
     value = getattr(data_cfg, split, None)
     if not value:
         raise DataError(f"domain '{_domain(data_cfg)}' has no data.{split} (set data.{split}=<file>)")
     path = _existing(value, f"data.{split}")
     kind = "text" if split == "heldout_text" else split
-    return read_rows(path, kind, skip_bad_rows=bool(getattr(data_cfg, "skip_bad_rows", False)))
+    check = None
+    if model_cfg is not None and kind == "messages":
+        from dft.families import conversation_problem
+
+        def check(row: dict) -> None:
+            problem = conversation_problem(row["messages"], model_cfg)
+            if problem:
+                raise _RowError(problem, "messages", f"breaks the chat template of family '{model_cfg.family}'")
+    return read_rows(path, kind, skip_bad_rows=bool(getattr(data_cfg, "skip_bad_rows", False)), check=check)
 
 
 def load_benchmark(data_cfg: Any, name: str) -> list[dict]:
@@ -130,8 +144,10 @@ def load_benchmark(data_cfg: Any, name: str) -> list[dict]:
     return read_rows(path, "mcq", skip_bad_rows=bool(getattr(data_cfg, "skip_bad_rows", False)))
 
 
-def read_rows(path: str | Path, kind: str, *, skip_bad_rows: bool = False) -> list[dict]:
+def read_rows(path: str | Path, kind: str, *, skip_bad_rows: bool = False, check=None) -> list[dict]:
     """Read one file and validate every row as ``kind`` (``text``, ``messages``, ``preference`` or ``mcq``).
+
+    ``check(row)``, if given, runs on every normalised row and raises ``_RowError`` for a bad one.
 
     Raises:
         DataError: the first bad row (``<file>:<line>: <what> (field '<name>')``) unless ``skip_bad_rows``;
@@ -151,6 +167,8 @@ def read_rows(path: str | Path, kind: str, *, skip_bad_rows: bool = False) -> li
             if isinstance(raw, _RowError):
                 raise raw
             row = normalize(raw, f"{path.stem}:{line}")
+            if check is not None:
+                check(row)
             if row["id"] in first_line:
                 raise _RowError(
                     f"duplicate id '{row['id']}' (first on line {first_line[row['id']]})", "id", "duplicate id"

@@ -59,17 +59,23 @@ _RENAMED = (("gradient_checkpointing", "activation_checkpointing"),
 
 
 def build_trl_config(kind: str, trainer_kwargs: dict, *, output_dir: str, device: str, peft_cfg: Any,
-                     model_cfg: Any, report_to: str, seed: int):
+                     model_cfg: Any, report_to: str, seed: int, stage_cfg: Any = None):
     """Build the TRL config object for a stage from its YAML ``trainer`` dict.
 
     The YAML keys are TRL field names passed through unchanged, so TRL's dataclass rejects an
     unknown key. dft only adds: ``output_dir``, ``report_to``, ``seed``, ``max_length`` (the
-    model's, unless set) and the hardware settings of :func:`hardware_overrides`.
+    model's, unless set) and the hardware settings of :func:`hardware_overrides`. Settings TRL
+    accepts but ignores are refused (:func:`check_trainer_semantics`); with ``stage_cfg`` dft's own
+    stage settings are checked too (:func:`check_stage_settings`). The dry run builds every stage's
+    config through here, so it refuses the same things a run does.
 
     Raises:
-        DftError: naming ``strategy.<stage>.trainer.<key>`` when TRL rejects a key.
+        DftError: naming ``strategy.<stage>.trainer.<key>`` when TRL rejects a key or ignores it.
     """
     config_cls, _ = stage_module(kind).trainer_classes()
+    if stage_cfg is not None:
+        check_stage_settings(kind, stage_cfg)
+    check_trainer_semantics(kind, trainer_kwargs)
     kwargs = dict(trainer_kwargs)
     fields = inspect.signature(config_cls).parameters
     unknown = [k for k in kwargs if k not in fields]
@@ -94,6 +100,58 @@ def build_trl_config(kind: str, trainer_kwargs: dict, *, output_dir: str, device
         raise DftError(f"strategy.{kind}.trainer: {config_cls.__name__} rejected the config: {e}") from None
 
 
+#: ``strategy.<stage>.truncation``: what happens to a row whose completion (or, for CPT without a
+#: splitting packing strategy, whose document) does not fit in ``max_length``: ``drop`` it (counted and
+#: warned), ``keep`` it cut (counted and warned: the model trains on a cut answer that may lack its end
+#: token), or stop with an ``error`` naming the row.
+TRUNCATION_POLICIES = ("drop", "keep", "error")
+#: ``strategy.orpo.nll_over``: the tokens of ORPO's NLL term. ``completion``: the chosen response only,
+#: as the ORPO paper's L_SFT (Hong et al. 2024, arXiv 2403.07691, eq. 1-2: the conditional NLL of the
+#: response given the prompt) and as dft's SFT; ``prompt_and_completion``: TRL's ``ORPOTrainer`` (prompt
+#: tokens included).
+NLL_OVER = ("completion", "prompt_and_completion")
+#: DPO loss types whose formula reads ``label_smoothing`` in TRL 1.x (``DPOTrainer.dpo_loss``).
+LABEL_SMOOTHING_LOSSES = ("robust", "exo_pair", "aot", "aot_unpaired")
+
+
+def check_stage_settings(kind: str, stage_cfg: Any) -> None:
+    """Check dft's own stage settings (``truncation``, ``nll_over``).
+
+    Raises:
+        DftError: ``strategy.<stage>.truncation='cut' is not one of drop, keep, error`` (or ``nll_over``).
+    """
+    trunc = getattr(stage_cfg, "truncation", None) or "drop"
+    if trunc not in TRUNCATION_POLICIES:
+        raise DftError(f"strategy.{kind}.truncation={trunc!r} is not one of {', '.join(TRUNCATION_POLICIES)}")
+    nll = getattr(stage_cfg, "nll_over", None) or "completion"
+    if nll not in NLL_OVER:
+        raise DftError(f"strategy.{kind}.nll_over={nll!r} is not one of {', '.join(NLL_OVER)}")
+    if kind != "orpo" and nll != "completion":
+        raise DftError(f"strategy.{kind}.nll_over={nll!r} applies to orpo only (dft's {kind} loss is fixed)")
+
+
+def check_trainer_semantics(kind: str, trainer_kwargs: dict) -> None:
+    """Refuse TRL settings that are accepted but change nothing.
+
+    * DPO ``label_smoothing`` != 0 with only loss types that never read it: TRL 1.x's ``sigmoid`` loss is
+      ``-logsigmoid(beta * delta)`` whatever the smoothing (the conservative-DPO form of TRL 0.x is
+      gone); only :data:`LABEL_SMOOTHING_LOSSES` use it.
+
+    Raises:
+        DftError: ``strategy.dpo.trainer.label_smoothing=0.1 has no effect with loss_type ['sigmoid'] ...``.
+    """
+    if kind == "dpo":
+        smoothing = trainer_kwargs.get("label_smoothing") or 0.0
+        loss_types = trainer_kwargs.get("loss_type") or ["sigmoid"]
+        loss_types = [loss_types] if isinstance(loss_types, str) else list(loss_types)
+        if smoothing and not any(t in LABEL_SMOOTHING_LOSSES for t in loss_types):
+            raise DftError(
+                f"strategy.dpo.trainer.label_smoothing={smoothing} has no effect with loss_type {loss_types} "
+                f"(TRL reads it only for {', '.join(LABEL_SMOOTHING_LOSSES)}): set it to 0 or choose one of those "
+                "loss types"
+            )
+
+
 def last_checkpoint(output_dir: Path) -> str | None:
     """Newest ``checkpoint-<step>`` folder that holds a complete trainer state, or None."""
     if not output_dir.is_dir():
@@ -105,7 +163,7 @@ def last_checkpoint(output_dir: Path) -> str | None:
     return str(cks[-1]) if cks else None
 
 
-def drop_prompts_filling_max_length(dataset, tokenizer, max_length: int | None, kind: str):
+def drop_prompts_filling_max_length(dataset, tokenizer, max_length: int | None, kind: str, *, return_kept: bool = False):
     """Drop prompt-completion / preference rows whose prompt alone fills ``max_length`` tokens
     (the prompt rendered by the chat template with the generation prompt that opens the assistant
     turn, as the trainer tokenizes it).
@@ -114,10 +172,11 @@ def drop_prompts_filling_max_length(dataset, tokenizer, max_length: int | None, 
     pair has empty completions, whose mean log-probability is 0/0. ORPO (``trl.experimental``)
     turns that into NaN gradients that poison every weight (LoRA included) while
     ``logging_nan_inf_filter`` logs the loss as 0. Returns ``(dataset, n_dropped)``; the count is
-    logged and recorded in the stage's facts. Rows without a ``prompt`` column pass unchanged.
+    logged and recorded in the stage's facts. Rows without a ``prompt`` column pass unchanged. With
+    ``return_kept``, the indices of the kept rows come third.
     """
     if not max_length or "prompt" not in dataset.column_names:
-        return dataset, 0
+        return (dataset, 0, list(range(len(dataset)))) if return_kept else (dataset, 0)
     texts = [tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
              for prompt in dataset["prompt"]]
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
@@ -131,7 +190,105 @@ def drop_prompts_filling_max_length(dataset, tokenizer, max_length: int | None, 
     if len(dataset) == 0:
         raise DftError(f"stage {kind}: every row's prompt fills max_length={max_length}; "
                        f"raise strategy.{kind}.trainer.max_length")
-    return dataset, dropped
+    return (dataset, dropped, keep) if return_kept else (dataset, dropped)
+
+
+def prepare_dataset(kind: str, mod, rows: list[dict], tok, model_cfg: Any, args, stage_cfg: Any):
+    """The stage's dataset before the trainer is built, with the rows the policy removes already removed.
+
+    Returns ``(dataset, audit, (end_token, end_id))``: the audit record of :func:`dft.stages.audit.new_audit`
+    with the counts so far; the end token is the family's document end for CPT, its turn end otherwise.
+    Chat stages drop rows whose prompt fills ``max_length`` (:func:`drop_prompts_filling_max_length`); SFT
+    applies ``strategy.sft.truncation`` to lengths tokenized as TRL does; CPT applies it to documents
+    longer than ``max_length`` unless the packing strategy splits them (``bfd_split``, ``wrapped``).
+    """
+    from dft.families import doc_end_token, turn_end_token
+    from dft.stages import audit as au
+
+    policy = getattr(stage_cfg, "truncation", None) or "drop"
+    max_length = getattr(args, "max_length", None)
+    ids = [str(r.get("id", i)) for i, r in enumerate(rows)]
+    audit = au.new_audit(kind, len(rows), policy, max_length)
+    audit["truncation_mode"] = getattr(args, "truncation_mode", "keep_start")
+    end = doc_end_token(tok, model_cfg) if kind == "cpt" else turn_end_token(tok, model_cfg)
+    dataset = mod.build_dataset(rows, tok, model_cfg)
+    packing = bool(getattr(args, "packing", False))
+    cut_part = "prompt" if audit["truncation_mode"] == "keep_end" and not packing else "completion"
+    if kind == "cpt":
+        lengths = [len(x) for x in dataset["input_ids"]]
+        audit["_doc_lengths"] = au._spread(lengths)
+        if not (packing and getattr(args, "packing_strategy", None) in ("bfd_split", "wrapped")):
+            plan = [(0, n, n) for n in lengths]
+            keep = au.apply_policy(kind, policy, plan, ids, max_length, audit, cut_part=cut_part)
+            if len(keep) < len(dataset):
+                dataset = dataset.select(keep)
+        audit["rows"] = len(dataset)
+        return dataset, audit, end
+    keep_idx = list(range(len(dataset)))
+    dataset, dropped, kept = drop_prompts_filling_max_length(dataset, tok, max_length, kind, return_kept=True)
+    audit["rows_dropped"]["long_prompt"] = dropped
+    ids = [ids[i] for i in kept]
+    if kind == "sft":
+        plan = au.sft_lengths(dataset, tok, end[1])
+        keep_idx = au.apply_policy(kind, policy, plan, ids, max_length, audit, cut_part=cut_part)
+        if len(keep_idx) < len(dataset):
+            dataset = dataset.select(keep_idx)
+        audit["rows"] = len(dataset)
+    if len(dataset) == 0:
+        raise DftError(f"stage {kind}: no row fits max_length={max_length} (strategy.{kind}.truncation={policy}); "
+                       f"raise strategy.{kind}.trainer.max_length")
+    audit["_ids"] = [ids[i] for i in keep_idx] if kind == "sft" else ids
+    return dataset, audit, end
+
+
+def finish_audit(kind: str, trainer, tok, args, stage_cfg: Any, audit: dict, end, rows) -> dict:
+    """After the trainer is built: apply the truncation policy to DPO/ORPO pairs as the trainer tokenized
+    them (replacing ``trainer.train_dataset`` by the kept rows), set ORPO's NLL scope, then audit the
+    trainer's data (:func:`dft.stages.audit.audit_trainer_data`). Returns the audit record.
+
+    Raises:
+        DftError: under ``truncation: error`` a pair would be cut, or no pair is left.
+    """
+    from dft.stages import audit as au
+
+    ids = audit.pop("_ids", None) or [str(i) for i in range(len(trainer.train_dataset))]
+    max_length = audit["max_length"]
+    nll_over = None
+    if kind in ("dpo", "orpo"):
+        ds = trainer.train_dataset
+        if len(ds) != len(ids):  # TRL dropped rows itself: ids no longer line up
+            ids = [str(i) for i in range(len(ds))]
+        if kind == "dpo":
+            plan = []
+            for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"]):
+                e = [au.end_length(len(p), seq, end[1]) for seq in (c, r)]
+                plan.append((len(p), len(p) + max(len(c), len(r)), 0 if 0 in e else max(e)))
+            part = "prompt" if audit["truncation_mode"] == "keep_end" else "completion"
+        else:
+            plan = []
+            for c, r, cl, rl in zip(ds["chosen_input_ids"], ds["rejected_input_ids"], ds["chosen_labels"],
+                                    ds["rejected_labels"]):
+                p = sum(1 for t in cl if t == -100)
+                e = [au.end_length(0, seq, end[1]) for seq in (c, r)]
+                plan.append((p, max(len(c), len(r)), 0 if 0 in e else max(e)))
+            part = "completion"
+        keep = au.apply_policy(kind, audit["truncation"], plan, ids, max_length, audit, cut_part=part)
+        if len(keep) < len(ds):
+            if not keep:
+                raise DftError(f"stage {kind}: no pair fits max_length={max_length}; raise strategy.{kind}.trainer.max_length")
+            ds = ds.select(keep)
+        if kind == "orpo" and max_length:  # ``keep``: ORPO's own truncation, the response cut at max_length
+            def cut(ex):
+                return {k: ex[k][:max_length] for k in ex if k.endswith(("_input_ids", "_attention_mask", "_labels"))
+                        and not k.startswith("prompt")}
+            if any(plan[i][1] > max_length for i in keep):
+                ds = ds.map(cut)
+        trainer.train_dataset = ds
+        audit["rows"] = len(ds)
+    if kind == "orpo":
+        nll_over = getattr(stage_cfg, "nll_over", None) or "completion"
+        trainer.nll_over = nll_over
+    return au.audit_trainer_data(kind, trainer, tok, end, audit, nll_over=nll_over)
 
 
 def check_finite(trainer, kind: str) -> None:
@@ -176,29 +333,33 @@ def train_stage(
     is written atomically (a ``.tmp`` sibling renamed into place); in a multi-process (DDP) job
     every rank trains and only the rank with ``save=True`` writes it. Returns training facts:
     ``train_loss``, ``runtime_s``, ``steps``, ``trainable_params``, ``total_params``,
-    ``log_history`` (TRL's list of logged dicts).
+    ``log_history`` (TRL's list of logged dicts), ``audit`` (what the trainer was fed:
+    :func:`dft.stages.audit.audit_trainer_data`) and ``probe`` (the saved folder's logits against the
+    trained model's: :func:`check_saved_model`).
     """
     import torch
     from transformers import set_seed
 
-    from dft.modeling import count_parameters, load_model, load_tokenizer, peft_config, save_merged
+    from dft.modeling import check_peft_targets, count_parameters, load_model, load_tokenizer, peft_config, save_merged
 
     set_seed(seed)
     mod = stage_module(kind)
     tok = load_tokenizer(start_path, model_cfg)
     trainer_kwargs = OmegaConf.to_container(stage_cfg.trainer, resolve=True) if not isinstance(stage_cfg.trainer, dict) else dict(stage_cfg.trainer)
     args = build_trl_config(kind, trainer_kwargs, output_dir=str(work_dir), device=device, peft_cfg=peft_cfg,
-                            model_cfg=model_cfg, report_to=report_to, seed=seed)
-    dataset = mod.build_dataset(rows, tok, model_cfg)
-    dataset, dropped = drop_prompts_filling_max_length(dataset, tok, getattr(args, "max_length", None), kind)
+                            model_cfg=model_cfg, report_to=report_to, seed=seed, stage_cfg=stage_cfg)
+    dataset, audit, end = prepare_dataset(kind, mod, rows, tok, model_cfg, args, stage_cfg)
+    dropped = audit["rows_dropped"]["long_prompt"]
     model = load_model(start_path, model_cfg, device=device, peft_cfg=peft_cfg, for_training=True)
     model.config.pad_token_id = tok.pad_token_id
     _, trainer_cls = mod.trainer_classes()
     kwargs: dict[str, Any] = dict(model=model, args=args, train_dataset=dataset, processing_class=tok)
     pc = peft_config(peft_cfg, model_cfg)
     if pc is not None:
+        check_peft_targets(model, pc)
         kwargs["peft_config"] = pc
     trainer = trainer_cls(**kwargs)
+    audit = finish_audit(kind, trainer, tok, args, stage_cfg, audit, end, rows)
     trainable, total = count_parameters(trainer.model)
     log.info("stage %s: %d rows, %s trainable / %s parameters (%.2f%%), device %s", kind, len(dataset),
              f"{trainable:,}", f"{total:,}", 100.0 * trainable / max(total, 1), device)
@@ -216,6 +377,7 @@ def train_stage(
         tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         save_merged(trainer.model, start_path, model_cfg, tmp, tok)
+        probe = check_saved_model(trainer, tmp, model_cfg, tok, start_path=start_path, peft_cfg=peft_cfg)
         os.replace(tmp, out_dir)
     facts = {
         "train_loss": loss,
@@ -223,6 +385,8 @@ def train_stage(
         "steps": int(trainer.state.global_step),
         "rows": len(dataset),
         "rows_dropped_long_prompt": dropped,
+        "audit": audit,
+        "probe": probe if save else None,
         "trainable_params": trainable,
         "total_params": total,
         "resumed_from": resume,
@@ -232,6 +396,93 @@ def train_stage(
     if device == "cuda":
         torch.cuda.empty_cache()
     return facts
+
+
+#: A fixed probe for :func:`check_saved_model`: token ids 1..31 of the vocabulary plus a short text.
+PROBE_TEXT = "The yield stress of a ductile material is"
+
+
+def probe_ids(tok) -> "torch.Tensor":
+    """``[1, n]`` ids of :data:`PROBE_TEXT` (tokenizer's special tokens included): the fixed probe input."""
+    import torch
+
+    return torch.tensor([tok(PROBE_TEXT)["input_ids"]])
+
+
+def probe_tolerance(dtype) -> float:
+    """Allowed ``max |logit difference| / max(1, max |logit|)`` between a trained model and its saved
+    folder: 1e-4 when the trained model runs in fp32 (the folder is compared in fp32 on CPU), 5e-2 when
+    it runs in bf16/fp16 (a 16-bit forward differs from fp32 by about 2^-8 relative per layer)."""
+    import torch
+
+    return 1e-4 if dtype == torch.float32 else 5e-2
+
+
+def check_saved_model(trainer, saved_dir: Path, model_cfg: Any, tok, *, start_path: Path, peft_cfg: Any) -> dict:
+    """Check that the folder just saved is the trained model: its logits on a fixed probe
+    (:func:`probe_ids`) equal the in-memory model's within :func:`probe_tolerance`.
+
+    The reference is ``trainer.model`` itself (full fine-tuning and LoRA: adapters active, unmerged).
+    For QLoRA the trained model runs on a 4-bit base while the artefact is the adapter merged into the
+    unquantised base (by design, DESIGN.md §6), so the reference is the trained adapter applied,
+    unmerged, to the unquantised base; the 4-bit model's own distance is recorded as ``qlora_gap``.
+    The saved folder is loaded on CPU in fp32. Skipped (recorded) when the model is sharded across ranks
+    (DeepSpeed / FSDP), where a forward on one rank alone would hang.
+
+    Returns ``{"max_abs_diff", "max_abs_logit", "tolerance", "probe_tokens", "reference"}``.
+
+    Raises:
+        DftError: the saved folder's logits differ beyond the tolerance (e.g. a LoRA adapter on the tied
+            ``embed_tokens``, whose merge also moves ``lm_head``).
+    """
+    import torch
+    from peft import PeftModel
+
+    from dft.modeling import load_model
+
+    if getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False):
+        return {"skipped": "model sharded across ranks"}
+    ids = probe_ids(tok)
+    model = trainer.accelerator.unwrap_model(trainer.model) if hasattr(trainer, "accelerator") else trainer.model
+
+    def logits_of(m) -> torch.Tensor:
+        was_training = m.training
+        m.eval()
+        dev = next(m.parameters()).device
+        with torch.no_grad():
+            out = m(input_ids=ids.to(dev), use_cache=False).logits[0].float().cpu()
+        m.train(was_training)
+        return out
+
+    ref_name, gap = "trained model", None
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    if isinstance(model, PeftModel) and getattr(peft_cfg, "method", None) == "qlora":
+        trained = logits_of(model)
+        adapter = saved_dir / "adapter"
+        base = load_model(start_path, model_cfg, device="cpu", dtype="float32")
+        ref_model = PeftModel.from_pretrained(base, adapter)
+        ref = logits_of(ref_model)
+        del ref_model, base
+        gap = float((trained - ref).abs().max())
+        ref_name, dtype = "trained adapter on the unquantised base", torch.float32
+    else:
+        ref = logits_of(model)
+    saved = load_model(saved_dir, model_cfg, device="cpu", dtype="float32")
+    got = logits_of(saved)
+    del saved
+    diff = float((got - ref).abs().max())
+    scale = max(1.0, float(ref.abs().max()))
+    tol = probe_tolerance(dtype)
+    out = {"max_abs_diff": diff, "max_abs_logit": float(ref.abs().max()), "tolerance": tol * scale,
+           "probe_tokens": int(ids.shape[1]), "reference": ref_name}
+    if gap is not None:
+        out["qlora_gap"] = gap
+    if not diff <= tol * scale:
+        raise DftError(f"the saved model at {saved_dir} is not the trained model: its logits on the probe differ by "
+                       f"{diff:.3g} (tolerance {tol * scale:.3g}); check peft.target_modules (a LoRA on tied "
+                       "embeddings changes lm_head when merged)")
+    log.info("saved model matches the trained model on the probe (max |diff| %.2g <= %.2g)", diff, tol * scale)
+    return out
 
 
 def rows_as_dataset(rows: list[dict]):

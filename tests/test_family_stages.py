@@ -43,3 +43,98 @@ def test_family_runs_stages_merges_and_generates(model, cache_dir, tmp_path):
                      eos_token_id=generation_eos_ids(tok, cfg.model))
     assert gen.shape[1] > ids["input_ids"].shape[1]
     assert m.config.vocab_size == load_model(start, cfg.model).config.vocab_size
+
+
+# --------------------------------------------------------------------------- token-exact training inputs
+# One CPT document, one SFT row, one DPO pair and one ORPO pair per family, with the real tokenizers:
+# the ids below are what the trainer's collator hands the model (read from the stage's audit, which is
+# the collator's output for the first example), written out by hand-checked decoding:
+#   SmolLM2 (no BOS, ChatML with its default system turn): <|im_start|>=1, <|im_end|>=2, "\n"=198, <|endoftext|>=0
+#   Llama 3.1: <|begin_of_text|>=128000, <|start_header_id|>=128006, <|end_header_id|>=128007,
+#              <|eot_id|>=128009, <|end_of_text|>=128001 (the CPT document end)
+#   Mistral v0.3: <s>=1, [INST]=3, [/INST]=4, </s>=2
+
+DOC = [{"id": "d", "text": "Steel is strong."}]
+SFT_ROW = [{"id": "s", "messages": [{"role": "user", "content": "Is steel strong?"},
+                                    {"role": "assistant", "content": "Yes."}]}]
+PAIR = [{"id": "p", "prompt": "Is steel strong?", "chosen": "Yes.", "rejected": "No."}]
+SMOL_PROMPT = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407, 19712,
+               8182, 2, 198, 1, 4093, 198, 4182, 6752, 1837, 47, 2, 198, 1, 520, 9531, 198]
+LLAMA_PROMPT = [128000, 128006, 9125, 128007, 271, 38766, 1303, 33025, 2696, 25, 6790, 220, 2366, 18, 198, 15724,
+                2696, 25, 220, 1627, 10263, 220, 2366, 19, 271, 128009, 128006, 882, 128007, 271, 3957, 9699, 3831,
+                30, 128009, 128006, 78191, 128007, 271]
+MISTRAL_PROMPT = [1, 3, 2459, 10213, 3735, 29572, 4]
+TOKENS = {
+    # model config: (bos id or None, CPT ids, prompt ids, "Yes." answer ids, "No." answer ids, turn end, doc end)
+    "tiny": (None, [16949, 299, 314, 1837, 30, 0], SMOL_PROMPT, [10539, 30, 2, 198], [5230, 30, 2, 198], 2, 0),
+    "tiny_llama3": (128000, [128000, 66048, 374, 3831, 13, 128001], LLAMA_PROMPT, [9642, 13, 128009], [2822, 13, 128009],
+                    128009, 128001),
+    "tiny_mistral": (1, [1, 16642, 1117, 3735, 29491, 2], MISTRAL_PROMPT, [6360, 29491, 2], [2538, 29491, 2], 2, 2),
+}
+
+
+def _first_example(model, kind, cache_dir, tmp_path, **stage):
+    from dft.modeling import resolve_model_path
+    from dft.stages import build_trainer
+
+    cfg = compose([f"model={model}", "data=tiny", "peft=lora", f"strategy={kind}"])
+    sc = cfg.strategy[kind]
+    for k, v in stage.items():
+        sc[k] = v
+    rows = {"cpt": DOC, "sft": SFT_ROW, "dpo": PAIR, "orpo": PAIR}[kind]
+    trainer, tok, audit = build_trainer(kind=kind, stage_cfg=sc, rows=rows, start_path=resolve_model_path(cfg.model, cache_dir),
+                                        model_cfg=cfg.model, peft_cfg=cfg.peft, work_dir=tmp_path, device="cpu",
+                                        report_to="none", seed=0)
+    return trainer, audit
+
+
+@pytest.mark.parametrize("model", list(TOKENS))
+def test_cpt_document_is_one_bos_text_and_the_document_end_token(model, cache_dir, tmp_path):
+    """CPT appends the family's document-end token, not the instruct tokenizer's turn end (``<|im_end|>``,
+    ``<|eot_id|>``), and the tokenizer's one BOS where the family has one."""
+    bos, cpt, *_, doc_end = TOKENS[model]
+    _, audit = _first_example(model, "cpt", cache_dir, tmp_path)
+    fe = audit["first_example"]
+    assert fe["input_ids"] == cpt
+    assert fe["input_ids"][-1] == doc_end and audit["end_token"]["id"] == doc_end
+    if bos is not None:
+        assert fe["input_ids"].count(bos) == 1
+    assert fe["loss_mask"] == [0] + [1] * (len(cpt) - 1)  # every next token is predicted, the doc end included
+    assert audit["rows_missing_end_token"] == 0
+
+
+@pytest.mark.parametrize("model", list(TOKENS))
+def test_sft_row_labels_are_the_answer_and_its_end_token(model, cache_dir, tmp_path):
+    bos, _, prompt, yes, _, turn_end, _ = TOKENS[model]
+    _, audit = _first_example(model, "sft", cache_dir, tmp_path)
+    fe = audit["first_example"]
+    assert fe["input_ids"] == prompt + yes
+    assert fe["loss_mask"] == [0] * len(prompt) + [1] * len(yes)
+    labelled = [i for i, m in zip(fe["input_ids"], fe["loss_mask"]) if m]
+    assert labelled.count(turn_end) == 1  # one end-of-turn per assistant turn
+    if bos is not None:
+        assert fe["input_ids"].count(bos) == 1
+
+
+@pytest.mark.parametrize("kind", ["dpo", "orpo"])
+@pytest.mark.parametrize("model", list(TOKENS))
+def test_preference_pair_tokens_are_exact(model, kind, cache_dir, tmp_path):
+    """DPO and ORPO see the same ids: one BOS where the family has one, the answer, one end-of-turn
+    token (TRL's ORPO appended a second EOS: ``<|im_end|>\\n<|im_end|>``), labels on the answer only."""
+    bos, _, prompt, yes, no, turn_end, _ = TOKENS[model]
+    _, audit = _first_example(model, kind, cache_dir, tmp_path)
+    fe = audit["first_example"]
+    for side, answer in (("chosen", yes), ("rejected", no)):
+        assert fe[side]["input_ids"] == prompt + answer, side
+        assert fe[side]["loss_mask"] == [0] * len(prompt) + [1] * len(answer), side
+        assert fe[side]["input_ids"][len(prompt):].count(turn_end) == 1
+        if bos is not None:
+            assert fe[side]["input_ids"].count(bos) == 1
+    if kind == "orpo":  # the NLL term covers the answer only, as the paper's L_SFT; recorded
+        assert audit["nll_over"] == "completion" and fe["nll_mask"] == fe["chosen"]["loss_mask"]
+
+
+def test_orpo_nll_over_the_prompt_is_a_recorded_setting(cache_dir, tmp_path):
+    _, audit = _first_example("tiny_mistral", "orpo", cache_dir, tmp_path, nll_over="prompt_and_completion")
+    assert audit["nll_over"] == "prompt_and_completion"
+    assert audit["first_example"]["nll_mask"] == [1] * len(MISTRAL_PROMPT + [6360, 29491, 2])

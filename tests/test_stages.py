@@ -191,3 +191,138 @@ def test_diverged_training_is_an_error_not_an_artefact(tiny_model, tmp_path):
     with pytest.raises(DftError, match=r"^stage sft: training (loss is nan|diverged)"):
         _train("sft", tiny_model, tmp_path, steps=6, extra={"learning_rate": 1e30})
     assert not (tmp_path / "final").exists()
+
+
+# --------------------------------------------------------------------------- what each stage trains on
+
+def _build(kind, tiny_model, tmp_path, rows, **stage):
+    from dft.stages import build_trainer
+
+    cfg = compose(["model=tiny", "data=tiny", f"strategy={kind}", "peft=lora"])
+    sc = cfg.strategy[kind]
+    for k, v in stage.items():
+        if k.startswith("trainer."):
+            sc.trainer[k[len("trainer."):]] = v
+        else:
+            sc[k] = v
+    return build_trainer(kind=kind, stage_cfg=sc, rows=rows, start_path=tiny_model, model_cfg=cfg.model,
+                         peft_cfg=cfg.peft, work_dir=tmp_path, device="cpu", report_to="none", seed=0)
+
+
+def _segments_without_end(trainer, end_id=2):
+    """Rows of TRL's packed SFT dataset whose labels hold no <|im_end|> (a cut answer), counted directly."""
+    n = 0
+    for labels, lens in zip(trainer.train_dataset["labels"], trainer.train_dataset["seq_lengths"]):
+        start = 0
+        for m in lens:
+            n += end_id not in labels[start:start + m]
+            start += m
+    return n
+
+
+LONG_ANSWER = " ".join(["Yield stress rises with strain rate."] * 30)   # ~210 tokens, over max_length 128
+SHORT = {"id": "ok", "messages": [{"role": "user", "content": "Is steel strong?"}, {"role": "assistant", "content": "Yes."}]}
+CUT = {"id": "cut", "messages": [{"role": "user", "content": "Explain."}, {"role": "assistant", "content": LONG_ANSWER}]}
+
+
+def test_packed_sft_never_trains_a_cut_answer_silently(tiny_model, tmp_path, caplog):
+    """With packing, TRL skips its truncate-and-drop step: a row whose answer does not fit is packed cut,
+    without its <|im_end|>. dft's default drops it (counted, warned); ``keep`` trains it (counted, warned);
+    ``error`` stops naming the row. The counts are checked against TRL's own packed dataset."""
+    import logging
+
+    from dft import DftError
+
+    with caplog.at_level(logging.WARNING, logger="dft.stages"):
+        trainer, _, audit = _build("sft", tiny_model, tmp_path / "a", [SHORT, CUT, SHORT | {"id": "ok2"}])
+    assert audit["rows_given"] == 3 and audit["rows"] == 2 and audit["truncation"] == "drop"
+    assert audit["rows_dropped"] == {"long_prompt": 0, "cut_completion": 1, "cut_prompt": 0}
+    assert audit["rows_missing_end_token"] == 0 and _segments_without_end(trainer) == 0
+    assert "stage sft: dropped 1 of 3 rows whose completion does not fit in max_length=128 tokens" in caplog.text
+    assert audit["supervised_tokens"] == 8  # 2 rows x ("Yes", ".", <|im_end|>, "\n")
+    assert audit["tokens_per_row"] == {"min": 38, "median": 38.0, "max": 38}
+    assert audit["packing_efficiency"] == round(76 / 128, 4)
+
+    trainer, _, audit = _build("sft", tiny_model, tmp_path / "b", [SHORT, CUT], truncation="keep")
+    assert audit["rows"] == 2 and audit["rows_truncated"] == {"prompt": 0, "completion": 1, "end_token": 1}
+    assert audit["rows_missing_end_token"] == 1 and _segments_without_end(trainer) == 1  # the fault, measured
+    assert audit["tokens_per_row"]["max"] == 128
+
+    with pytest.raises(DftError, match=r"^stage sft: row 'cut' is \d+ tokens, over max_length=128: its answer and "
+                                       r"its end token would be cut; raise strategy.sft.trainer.max_length"):
+        _build("sft", tiny_model, tmp_path / "c", [SHORT, CUT], truncation="error")
+
+
+def test_dpo_pairs_whose_answer_would_be_cut_are_dropped(tiny_model, tmp_path):
+    """DPO's collator cuts prompt+answer at max_length: the answer loses its <|im_end|>. dft drops the pair
+    from the trainer's own tokenized dataset by default, or keeps it counted."""
+    pair = {"id": "p", "prompt": "Is steel strong?", "chosen": "Yes.", "rejected": "No."}
+    long = {"id": "long", "prompt": "Explain.", "chosen": LONG_ANSWER, "rejected": "No."}
+    trainer, _, audit = _build("dpo", tiny_model, tmp_path / "a", [pair, long], **{"trainer.max_length": 128})
+    assert len(trainer.train_dataset) == 1 and audit["rows"] == 1
+    assert audit["rows_dropped"]["cut_completion"] == 1 and audit["rows_missing_end_token"] == 0
+    assert audit["supervised_tokens"] == 8 and audit["first_example"]["chosen"]["input_ids"][-2:] == [2, 198]
+    trainer, _, audit = _build("dpo", tiny_model, tmp_path / "b", [pair, long], truncation="keep",
+                               **{"trainer.max_length": 128})
+    assert len(trainer.train_dataset) == 2
+    assert audit["rows_truncated"] == {"prompt": 0, "completion": 1, "end_token": 1}
+    assert audit["rows_missing_end_token"] == 1  # the long chosen, cut by the collator at 128
+
+
+def test_orpo_nll_is_over_the_chosen_answer_unless_set_otherwise(tiny_model, tmp_path):
+    """ORPO's NLL term: TRL averages it over prompt + answer (every non-pad token); the ORPO paper's
+    L_SFT, and dft's default, is the answer only. Checked against a hand computation on one batch."""
+    import torch.nn.functional as F
+
+    pair = {"id": "p", "prompt": "Is steel strong?", "chosen": "Yes.", "rejected": "No."}
+    for nll_over in ("completion", "prompt_and_completion"):
+        trainer, _, audit = _build("orpo", tiny_model, tmp_path / nll_over, [pair], nll_over=nll_over)
+        batch = trainer.data_collator([trainer.train_dataset[0]])
+        model = trainer.model.eval()
+        with torch.no_grad():
+            nll = trainer.concatenated_forward(model, batch)[4]
+            ids = batch["chosen_input_ids"]
+            logits = model(input_ids=ids).logits[0, :-1]
+        target = ids[0, 1:]
+        per_token = F.cross_entropy(logits, target, reduction="none")
+        n_prompt = batch["chosen_labels"][0].tolist().count(-100)
+        expected = per_token[n_prompt - 1:].mean() if nll_over == "completion" else per_token.mean()
+        assert audit["nll_over"] == nll_over
+        assert torch.allclose(nll, expected, atol=1e-5), (nll_over, float(nll), float(expected))
+        assert n_prompt == 34 and per_token.shape[0] == 37  # 34 prompt tokens, 4 answer tokens
+
+
+def test_dpo_label_smoothing_without_effect_is_refused(tiny_model, tmp_path):
+    """TRL 1.x's sigmoid DPO loss ignores label_smoothing (the conservative-DPO form is gone): refused,
+    in a run and in the dry run (which builds every TRL config); loss types that read it pass."""
+    from dft import DftError
+    from dft.stages import build_trl_config, check_trainer_semantics
+
+    cfg = compose(["model=tiny", "strategy=dpo"])
+    kw = dict(output_dir=str(tmp_path), device="cpu", peft_cfg=cfg.peft, model_cfg=cfg.model, report_to="none", seed=0)
+    msg = (r"^strategy.dpo.trainer.label_smoothing=0.1 has no effect with loss_type \['sigmoid'\] \(TRL reads it only "
+           r"for robust, exo_pair, aot, aot_unpaired\)")
+    with pytest.raises(DftError, match=msg):
+        build_trl_config("dpo", {"label_smoothing": 0.1}, **kw)
+    assert build_trl_config("dpo", {"label_smoothing": 0.1, "loss_type": ["robust"]}, **kw).label_smoothing == 0.1
+    check_trainer_semantics("dpo", {"label_smoothing": 0.0})
+    from conftest import run_train
+
+    p = run_train(["model=tiny", "data=tiny", "strategy=dpo", "eval=none", "merge=none", "logger=none",
+                   "dry_run=true", "+strategy.dpo.trainer.label_smoothing=0.1"], tmp_path, check=False)
+    assert p.returncode != 0 and "strategy.dpo.trainer.label_smoothing=0.1 has no effect" in p.stdout + p.stderr
+
+
+def test_stage_settings_are_checked(tiny_model, tmp_path):
+    from dft import DftError
+    from dft.stages import check_stage_settings
+
+    cfg = compose(["strategy=sft_orpo"])
+    check_stage_settings("orpo", cfg.strategy.orpo)
+    cfg.strategy.sft.truncation = "cut"
+    with pytest.raises(DftError, match=r"^strategy.sft.truncation='cut' is not one of drop, keep, error$"):
+        check_stage_settings("sft", cfg.strategy.sft)
+    cfg.strategy.sft.truncation = "drop"
+    cfg.strategy.sft.nll_over = "prompt_and_completion"
+    with pytest.raises(DftError, match=r"^strategy.sft.nll_over='prompt_and_completion' applies to orpo only"):
+        check_stage_settings("sft", cfg.strategy.sft)

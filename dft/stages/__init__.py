@@ -312,6 +312,36 @@ def check_finite(trainer, kind: str) -> None:
                            f"lower strategy.{kind}.trainer.learning_rate or check the data")
 
 
+def build_trainer(*, kind: str, stage_cfg: Any, rows: list[dict], start_path: Path, model_cfg: Any, peft_cfg: Any,
+                  work_dir: Path, device: str, report_to: str, seed: int):
+    """The TRL trainer of one stage, ready to train, with the rows its policies keep and its audit.
+
+    Tokenizer and model from ``start_path``, TRL config (:func:`build_trl_config`), dataset
+    (:func:`prepare_dataset`), PEFT config (tied-embedding targets refused,
+    :func:`dft.modeling.check_peft_targets`), then the post-tokenization policy and the audit of what
+    the trainer holds (:func:`finish_audit`). Returns ``(trainer, tokenizer, audit)``.
+    """
+    from dft.modeling import check_peft_targets, load_model, load_tokenizer, peft_config
+
+    mod = stage_module(kind)
+    tok = load_tokenizer(start_path, model_cfg)
+    trainer_kwargs = OmegaConf.to_container(stage_cfg.trainer, resolve=True) if not isinstance(stage_cfg.trainer, dict) else dict(stage_cfg.trainer)
+    args = build_trl_config(kind, trainer_kwargs, output_dir=str(work_dir), device=device, peft_cfg=peft_cfg,
+                            model_cfg=model_cfg, report_to=report_to, seed=seed, stage_cfg=stage_cfg)
+    dataset, audit, end = prepare_dataset(kind, mod, rows, tok, model_cfg, args, stage_cfg)
+    model = load_model(start_path, model_cfg, device=device, peft_cfg=peft_cfg, for_training=True)
+    model.config.pad_token_id = tok.pad_token_id
+    _, trainer_cls = mod.trainer_classes()
+    kwargs: dict[str, Any] = dict(model=model, args=args, train_dataset=dataset, processing_class=tok)
+    pc = peft_config(peft_cfg, model_cfg)
+    if pc is not None:
+        check_peft_targets(model, pc)
+        kwargs["peft_config"] = pc
+    trainer = trainer_cls(**kwargs)
+    audit = finish_audit(kind, trainer, tok, args, stage_cfg, audit, end, rows)
+    return trainer, tok, audit
+
+
 def train_stage(
     *,
     kind: str,
@@ -340,28 +370,15 @@ def train_stage(
     import torch
     from transformers import set_seed
 
-    from dft.modeling import check_peft_targets, count_parameters, load_model, load_tokenizer, peft_config, save_merged
+    from dft.modeling import count_parameters, save_merged
 
     set_seed(seed)
-    mod = stage_module(kind)
-    tok = load_tokenizer(start_path, model_cfg)
-    trainer_kwargs = OmegaConf.to_container(stage_cfg.trainer, resolve=True) if not isinstance(stage_cfg.trainer, dict) else dict(stage_cfg.trainer)
-    args = build_trl_config(kind, trainer_kwargs, output_dir=str(work_dir), device=device, peft_cfg=peft_cfg,
-                            model_cfg=model_cfg, report_to=report_to, seed=seed, stage_cfg=stage_cfg)
-    dataset, audit, end = prepare_dataset(kind, mod, rows, tok, model_cfg, args, stage_cfg)
-    dropped = audit["rows_dropped"]["long_prompt"]
-    model = load_model(start_path, model_cfg, device=device, peft_cfg=peft_cfg, for_training=True)
-    model.config.pad_token_id = tok.pad_token_id
-    _, trainer_cls = mod.trainer_classes()
-    kwargs: dict[str, Any] = dict(model=model, args=args, train_dataset=dataset, processing_class=tok)
-    pc = peft_config(peft_cfg, model_cfg)
-    if pc is not None:
-        check_peft_targets(model, pc)
-        kwargs["peft_config"] = pc
-    trainer = trainer_cls(**kwargs)
-    audit = finish_audit(kind, trainer, tok, args, stage_cfg, audit, end, rows)
+    trainer, tok, audit = build_trainer(kind=kind, stage_cfg=stage_cfg, rows=rows, start_path=start_path,
+                                        model_cfg=model_cfg, peft_cfg=peft_cfg, work_dir=work_dir, device=device,
+                                        report_to=report_to, seed=seed)
+    model, dropped = trainer.model, audit["rows_dropped"]["long_prompt"]
     trainable, total = count_parameters(trainer.model)
-    log.info("stage %s: %d rows, %s trainable / %s parameters (%.2f%%), device %s", kind, len(dataset),
+    log.info("stage %s: %d rows, %s trainable / %s parameters (%.2f%%), device %s", kind, audit["rows"],
              f"{trainable:,}", f"{total:,}", 100.0 * trainable / max(total, 1), device)
     resume = last_checkpoint(work_dir)
     if resume:
@@ -373,6 +390,7 @@ def train_stage(
     if not math.isfinite(loss):
         raise DftError(f"stage {kind}: training loss is {loss} (diverged); lower strategy.{kind}.trainer.learning_rate")
     check_finite(trainer, kind)
+    probe = None
     if save:
         tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -383,10 +401,10 @@ def train_stage(
         "train_loss": loss,
         "runtime_s": runtime,
         "steps": int(trainer.state.global_step),
-        "rows": len(dataset),
+        "rows": audit["rows"],  # examples trained on (the packed blocks are audit["sequences"])
         "rows_dropped_long_prompt": dropped,
         "audit": audit,
-        "probe": probe if save else None,
+        "probe": probe,
         "trainable_params": trainable,
         "total_params": total,
         "resumed_from": resume,

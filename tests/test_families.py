@@ -429,3 +429,45 @@ def test_unreachable_weights_one_line_message(monkeypatch, tmp_path):
     assert "dft-tests/not-a-cached-model" in msg
     assert "models--dft-tests--not-a-cached-model" in msg  # the local cache path tried
     assert "model.path=" in msg
+
+
+# --------------------------------------------------------------------------- template rules at row load
+
+BROKEN = [{"role": "user", "content": "Define stress."}, {"role": "user", "content": "And strain?"},
+          {"role": "assistant", "content": "Force per area; relative deformation."}]
+
+
+def test_mistral_role_alternation_is_checked_when_rows_load(mistral_tok, tmp_path, caplog):
+    """``user, user, assistant`` passes generic row validation but Mistral's template raises a jinja
+    TemplateError (after the model loaded, naming no row). dft checks the family's rule at load: the error
+    names the file and line; ``data.skip_bad_rows`` skips the row like any other bad one; other families
+    accept it."""
+    import json
+    import logging
+
+    from jinja2.exceptions import TemplateError
+
+    from dft.data import DataError, load_split
+    from dft.families import conversation_problem
+
+    with pytest.raises(TemplateError, match="roles must alternate"):
+        render_chat(mistral_tok, BROKEN, model_cfg("mistral_7b_v0_3_instruct"))
+    good = {"id": "g", "messages": CHAT}
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps({"id": "b", "messages": BROKEN}) + "\n")
+    data = OmegaConf.create({"name": "t", "messages": str(path), "skip_bad_rows": False})
+    mistral = model_cfg("mistral_7b_v0_3_instruct")
+    with pytest.raises(DataError, match=rf"^{path}:2: roles must alternate user/assistant for family 'mistral' "
+                                        r"\(turn 2 is 'user', expected 'assistant'; roles: user, user, assistant\) "
+                                        r"\(field 'messages'\)$"):
+        load_split(data, "messages", mistral)
+    assert len(load_split(data, "messages", model_cfg("llama3_1_8b_instruct"))) == 2
+    assert len(load_split(data, "messages")) == 2
+    data.skip_bad_rows = True
+    with caplog.at_level(logging.WARNING, logger="dft.data"):
+        rows = load_split(data, "messages", mistral)
+    assert [r["id"] for r in rows] == ["g"]
+    assert "skipped 1 of 2 rows (breaks the mistral chat template (field 'messages'): 1)" in caplog.text
+    # the rule and the template agree: the system turn folded into the user turn is fine
+    assert conversation_problem(CHAT, mistral) is None and conversation_problem(MULTI, mistral) is None
+    render_chat(mistral_tok, MULTI, mistral)

@@ -130,7 +130,7 @@ def load_split(data_cfg: Any, split: str, model_cfg: Any = None) -> list[dict]:
         def check(row: dict) -> None:
             problem = conversation_problem(row["messages"], model_cfg)
             if problem:
-                raise _RowError(problem, "messages", f"breaks the chat template of family '{model_cfg.family}'")
+                raise _RowError(problem, "messages", f"breaks the {model_cfg.family} chat template")
     return read_rows(path, kind, skip_bad_rows=bool(getattr(data_cfg, "skip_bad_rows", False)), check=check)
 
 

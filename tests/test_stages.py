@@ -176,7 +176,8 @@ def test_orpo_drops_pairs_whose_prompt_fills_max_length(tiny_model, tmp_path, ca
         facts = train_stage(kind="orpo", stage_cfg=sc, rows=rows, start_path=tiny_model, model_cfg=cfg.model,
                             peft_cfg=cfg.peft, work_dir=tmp_path / "work", out_dir=tmp_path / "final", device="cpu",
                             report_to="none", seed=0)
-    assert facts["rows_dropped_long_prompt"] == 1 and facts["rows"] == 4
+    assert facts["rows_dropped_long_prompt"] == 1 and facts["audit"]["rows_dropped"]["long_prompt"] == 1
+    assert facts["rows"] == 4 - facts["audit"]["rows_dropped"]["cut_completion"] > 0
     assert "stage orpo: dropped 1 of 5 rows whose prompt alone fills max_length=256 tokens" in caplog.text
     assert all(math.isfinite(e["grad_norm"]) for e in facts["log_history"] if "grad_norm" in e)
     assert all(torch.isfinite(t).all() for t in _weights(tmp_path / "final").values())

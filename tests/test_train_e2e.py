@@ -55,6 +55,12 @@ def test_chain_writes_every_artefact_and_a_summary(tiny_chain):
         assert (cell / "stages" / st / "final" / "model.safetensors").exists()  # 13 MB: one shard
         assert (cell / "stages" / st / "manifest.json").exists()
     assert s["train"]["cpt_sft_dpo"]["rows_dropped_long_prompt"] == 0 and s["train"]["cpt_sft_dpo"]["rows"] > 0
+    # what each stage trained on (dft.stages.audit), in summary.json and the cache manifest alike
+    audit = s["train"]["cpt_sft"]["audit"]
+    assert audit["rows"] == audit["rows_given"] - sum(audit["rows_dropped"].values()) and audit["truncation"] == "drop"
+    assert audit["rows_missing_end_token"] == 0 and audit["first_example"]["input_ids"][0] == 1  # <|im_start|>
+    manifest = json.loads((cell / "stages" / "cpt_sft" / "manifest.json").read_text())
+    assert manifest["train"]["audit"] == audit and s["train"]["cpt_sft"]["probe"]["max_abs_diff"] <= 1e-4
     # synergy of the merge against its parents: E = (P1 + P2) / 2 exactly
     syn = {r["metric"]: r for r in s["synergy"]}
     by = {a["name"]: a["metrics"] for a in s["artefacts"]}

@@ -18,6 +18,10 @@ The paper's three families (arXiv 2409.03444) and the embedded default:
 * ``smollm2`` (the embedded SmolLM2-135M-Instruct): its shipped ChatML; ``<|im_end|>``; pad
   ``<|endoftext|>`` (its EOS is ``<|im_end|>``); no BOS.
 
+CPT documents end with the family's document-end token (:data:`DOC_END_TOKENS`): ``<|end_of_text|>``
+(llama3), ``</s>`` (mistral), ``<|endoftext|>`` (smollm, smollm2), whatever the tokenizer's ``eos_token``
+(an instruct tokenizer's is the turn end). Assistant turns end with :data:`TURN_END_TOKENS`.
+
 Rules, each the answer to a known failure (DESIGN.md §6):
 
 * **Pad differs from every end token.** Collators that mask ``labels == pad_token_id`` would

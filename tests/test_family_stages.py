@@ -227,3 +227,29 @@ def test_lora_on_tied_embeddings_is_refused_and_the_probe_catches_it(tiny_model,
     with pytest.raises(DftError, match=r"is not the trained model: its logits on the probe differ by"):
         train_stage(work_dir=tmp_path / "w2", out_dir=tmp_path / "o2", **kw)
     assert not (tmp_path / "o2").exists()
+
+
+def test_orpo_on_the_base_llama_tokenizer_ends_the_answer_once(cache_dir, tmp_path):
+    """Base Llama 3.1's tokenizer EOS is <|end_of_text|>: TRL's ORPO appended it after the template's
+    <|eot_id|> (``Yes.<|eot_id|><|end_of_text|>``). dft's ORPO rows end with the template's one <|eot_id|>,
+    and CPT on the base tokenizer ends documents with <|end_of_text|>."""
+    import shutil
+
+    from dft import tokenizers_offline
+    from dft.modeling import resolve_model_path
+    from dft.stages import build_trainer
+
+    cfg = compose(["model=tiny_llama3", "data=tiny", "peft=lora", "strategy=cpt_orpo", "model.start=base"])
+    start = tmp_path / "base"
+    shutil.copytree(resolve_model_path(cfg.model, cache_dir), start)
+    base_tok = tokenizers_offline.load_llama3_tokenizer(cache_dir, instruct=False)
+    assert base_tok.eos_token == "<|end_of_text|>"
+    base_tok.save_pretrained(start)
+    out = {}
+    for kind, rows in (("orpo", PAIR), ("cpt", DOC)):
+        _, _, audit = build_trainer(kind=kind, stage_cfg=cfg.strategy[kind], rows=rows, start_path=start,
+                                    model_cfg=cfg.model, peft_cfg=cfg.peft, work_dir=tmp_path / kind, device="cpu",
+                                    report_to="none", seed=0)
+        out[kind] = audit["first_example"]
+    assert out["orpo"]["chosen"]["input_ids"] == LLAMA_PROMPT + [9642, 13, 128009]
+    assert out["cpt"]["input_ids"] == [128000, 66048, 374, 3831, 13, 128001]

@@ -429,11 +429,12 @@ def probe_ids(tok) -> "torch.Tensor":
 
 def probe_tolerance(dtype) -> float:
     """Allowed ``max |logit difference| / max(1, max |logit|)`` between a trained model and its saved
-    folder: 1e-4 when the trained model runs in fp32 (the folder is compared in fp32 on CPU), 5e-2 when
-    it runs in bf16/fp16 (a 16-bit forward differs from fp32 by about 2^-8 relative per layer)."""
+    folder: 1e-4 when the trained model runs in fp32 (the folder is compared in fp32 on CPU); 1e-1 when
+    it runs in bf16/fp16, whose forward differs from fp32 by about 2^-8 relative per operation (a loose
+    bound, chosen without a GPU measurement: it catches a wrong head or a lost adapter, not a small drift)."""
     import torch
 
-    return 1e-4 if dtype == torch.float32 else 5e-2
+    return 1e-4 if dtype == torch.float32 else 1e-1
 
 
 def check_saved_model(trainer, saved_dir: Path, model_cfg: Any, tok, *, start_path: Path, peft_cfg: Any) -> dict:

@@ -253,3 +253,24 @@ def test_orpo_on_the_base_llama_tokenizer_ends_the_answer_once(cache_dir, tmp_pa
         out[kind] = audit["first_example"]
     assert out["orpo"]["chosen"]["input_ids"] == LLAMA_PROMPT + [9642, 13, 128009]
     assert out["cpt"]["input_ids"] == [128000, 66048, 374, 3831, 13, 128001]
+
+
+def test_a_run_refuses_a_mistral_row_that_breaks_alternation_before_any_model_loads(tmp_path):
+    """The cell loads rows with the model's template rules (``Cell.check_inputs``): the dry run, which
+    loads no model, already names the file and line."""
+    import json
+
+    from conftest import run_train
+
+    bad = tmp_path / "m.jsonl"
+    good = {"id": "g", "messages": SFT_ROW[0]["messages"]}
+    broken = {"id": "b", "messages": [{"role": "user", "content": "A?"}, {"role": "user", "content": "B?"},
+                                      {"role": "assistant", "content": "C."}]}
+    bad.write_text(json.dumps(good) + "\n" + json.dumps(broken) + "\n")
+    args = ["model=tiny_mistral", "data=tiny", f"data.messages={bad}", "strategy=sft", "eval=none", "merge=none",
+            "logger=none", "dry_run=true"]
+    p = run_train(args, tmp_path, check=False)
+    assert p.returncode != 0
+    assert f"{bad}:2: roles must alternate user/assistant for family 'mistral'" in p.stdout + p.stderr
+    p = run_train(args + ["data.skip_bad_rows=true"], tmp_path, check=False)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]

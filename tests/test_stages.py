@@ -327,3 +327,32 @@ def test_stage_settings_are_checked(tiny_model, tmp_path):
     cfg.strategy.sft.nll_over = "prompt_and_completion"
     with pytest.raises(DftError, match=r"^strategy.sft.nll_over='prompt_and_completion' applies to orpo only"):
         check_stage_settings("sft", cfg.strategy.sft)
+
+
+def test_cpt_document_cut_by_a_truncating_pack_follows_the_policy(tiny_model, tmp_path):
+    """``packing_strategy: bfd`` truncates a document longer than a block (bfd_split, the default, splits
+    it): the document loses its tail and its <|endoftext|>. Dropped by default, counted under ``keep``."""
+    docs = [{"id": "short", "text": "Steel is strong."}, {"id": "long", "text": LONG_ANSWER}]
+    _, _, audit = _build("cpt", tiny_model, tmp_path / "a", docs, **{"trainer.packing_strategy": "bfd"})
+    assert audit["rows"] == 1 and audit["rows_dropped"]["cut_completion"] == 1
+    assert audit["first_example"]["input_ids"] == [16949, 299, 314, 1837, 30, 0]
+    _, _, audit = _build("cpt", tiny_model, tmp_path / "b", docs, truncation="keep", **{"trainer.packing_strategy": "bfd"})
+    assert audit["rows"] == 2 and audit["rows_truncated"] == {"prompt": 0, "completion": 1, "end_token": 1}
+    assert audit["rows_missing_end_token"] == 1  # measured: one <|endoftext|> in the packed data for two documents
+    _, _, audit = _build("cpt", tiny_model, tmp_path / "c", docs)  # bfd_split: nothing cut, the long one split
+    n_long = audit["tokens_per_row"]["max"]
+    assert audit["tokens_per_row"]["min"] == 6 and n_long > 128
+    # 2 blocks: the long document's first 128 tokens, then its rest with the short one beside it
+    assert audit["rows"] == 2 and audit["sequences"] == 2 and audit["rows_missing_end_token"] == 0
+    assert audit["supervised_tokens"] == 6 + n_long  # every token of a CPT document is a label
+    assert audit["packing_efficiency"] == round((6 + n_long) / 256, 4)
+
+
+def test_orpo_keep_policy_cuts_the_answer_at_max_length(tiny_model, tmp_path):
+    pair = {"id": "p", "prompt": "Is steel strong?", "chosen": "Yes.", "rejected": "No."}
+    long = {"id": "long", "prompt": "Explain.", "chosen": LONG_ANSWER, "rejected": "No."}
+    trainer, _, audit = _build("orpo", tiny_model, tmp_path, [pair, long], truncation="keep",
+                               **{"trainer.max_length": 128})
+    assert len(trainer.train_dataset) == 2 and audit["rows_truncated"]["end_token"] == 1
+    assert max(len(x) for x in trainer.train_dataset["chosen_input_ids"]) == 128
+    assert audit["rows_missing_end_token"] == 1

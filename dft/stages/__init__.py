@@ -216,12 +216,15 @@ def prepare_dataset(kind: str, mod, rows: list[dict], tok, model_cfg: Any, args,
     cut_part = "prompt" if audit["truncation_mode"] == "keep_end" and not packing else "completion"
     if kind == "cpt":
         lengths = [len(x) for x in dataset["input_ids"]]
-        audit["_doc_lengths"] = au._spread(lengths)
         if not (packing and getattr(args, "packing_strategy", None) in ("bfd_split", "wrapped")):
             plan = [(0, n, n) for n in lengths]
             keep = au.apply_policy(kind, policy, plan, ids, max_length, audit, cut_part=cut_part)
+            if not keep:
+                raise DftError(f"stage cpt: no document fits max_length={max_length} (strategy.cpt.truncation={policy})")
             if len(keep) < len(dataset):
                 dataset = dataset.select(keep)
+                lengths = [lengths[i] for i in keep]
+        audit["_doc_lengths"] = au._spread(lengths)  # documents as tokenized, before packing splits them
         audit["rows"] = len(dataset)
         return dataset, audit, end
     keep_idx = list(range(len(dataset)))

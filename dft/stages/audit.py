@@ -127,7 +127,8 @@ def audit_trainer_data(kind: str, trainer, tok, end: tuple[str, int], audit: dic
 
     Adds ``rows`` (trained examples), ``sequences`` (dataset rows: packed blocks for packed SFT/CPT),
     ``supervised_tokens`` (``labels != -100``; for pairs, chosen + rejected completion tokens after
-    truncation), ``tokens_per_row`` (min / median / max tokens of one example as trained),
+    truncation), ``tokens_per_row`` (min / median / max tokens of one example as trained; CPT: of one
+    document as tokenized, before packing splits it; pairs: of each side),
     ``packing_efficiency`` (tokens / (blocks x max_length); null when not packed), ``end_token``,
     ``rows_missing_end_token`` (examples whose supervised tokens hold no end token: cut answers; for CPT,
     documents minus document-end tokens) and ``first_example`` (the collator's output for the first
@@ -173,12 +174,18 @@ def audit_trainer_data(kind: str, trainer, tok, end: tuple[str, int], audit: dic
         audit.update(rows=len(ds), sequences=len(ds), packing_efficiency=None)
         supervised, per_row, missing = 0, [], 0
         if kind == "dpo":
+            keep_end = audit.get("truncation_mode") == "keep_end"  # the collator cuts the prompt's start instead
             for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"]):
-                room = max_length - len(p) if max_length else None
+                room = max(max_length - len(p), 0) if max_length else None
                 for comp in (c, r):
-                    kept = comp[:room] if room is not None else comp
+                    if keep_end:
+                        kept = comp[-max_length:] if max_length else comp
+                        n = min(len(p) + len(comp), max_length) if max_length else len(p) + len(comp)
+                    else:
+                        kept = comp[:room] if room is not None else comp
+                        n = len(p) + len(kept)
                     supervised += len(kept)
-                    per_row.append(len(p) + len(kept))
+                    per_row.append(n)
                     missing += int(end_id not in kept)
             att, comp = first["attention_mask"], first["completion_mask"]
             sides = {"chosen": 0, "rejected": 1}

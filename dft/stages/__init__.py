@@ -419,7 +419,7 @@ def train_stage(
     return facts
 
 
-#: A fixed probe for :func:`check_saved_model`: token ids 1..31 of the vocabulary plus a short text.
+#: The fixed probe of :func:`check_saved_model`: a short domain sentence, tokenized with the special tokens.
 PROBE_TEXT = "The yield stress of a ductile material is"
 
 

@@ -244,7 +244,10 @@ def test_packed_sft_never_trains_a_cut_answer_silently(tiny_model, tmp_path, cap
     assert audit["tokens_per_row"] == {"min": 38, "median": 38.0, "max": 38}
     assert audit["packing_efficiency"] == round(76 / 128, 4)
 
-    trainer, _, audit = _build("sft", tiny_model, tmp_path / "b", [SHORT, CUT], truncation="keep")
+    with caplog.at_level(logging.WARNING, logger="dft.stages"):
+        trainer, _, audit = _build("sft", tiny_model, tmp_path / "b", [SHORT, CUT], truncation="keep")
+    assert ("stage sft: 1 of 2 rows train on a cut completion (1 lose their end token) at max_length=128 "
+            "(strategy.sft.truncation=keep)") in caplog.text
     assert audit["rows"] == 2 and audit["rows_truncated"] == {"prompt": 0, "completion": 1, "end_token": 1}
     assert audit["rows_missing_end_token"] == 1 and _segments_without_end(trainer) == 1  # the fault, measured
     assert audit["tokens_per_row"]["max"] == 128
@@ -268,6 +271,11 @@ def test_dpo_pairs_whose_answer_would_be_cut_are_dropped(tiny_model, tmp_path):
     assert len(trainer.train_dataset) == 2
     assert audit["rows_truncated"] == {"prompt": 0, "completion": 1, "end_token": 1}
     assert audit["rows_missing_end_token"] == 1  # the long chosen, cut by the collator at 128
+    from dft import DftError
+
+    with pytest.raises(DftError, match=r"^stage dpo: row 'long' is \d+ tokens, over max_length=128: its answer and "
+                                       r"its end token would be cut"):
+        _build("dpo", tiny_model, tmp_path / "c", [pair, long], truncation="error", **{"trainer.max_length": 128})
 
 
 def test_orpo_nll_is_over_the_chosen_answer_unless_set_otherwise(tiny_model, tmp_path):

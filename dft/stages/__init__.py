@@ -244,7 +244,7 @@ def prepare_dataset(kind: str, mod, rows: list[dict], tok, model_cfg: Any, args,
     return dataset, audit, end
 
 
-def finish_audit(kind: str, trainer, tok, args, stage_cfg: Any, audit: dict, end, rows) -> dict:
+def finish_audit(kind: str, trainer, tok, stage_cfg: Any, audit: dict, end) -> dict:
     """After the trainer is built: apply the truncation policy to DPO/ORPO pairs as the trainer tokenized
     them (replacing ``trainer.train_dataset`` by the kept rows), set ORPO's NLL scope, then audit the
     trainer's data (:func:`dft.stages.audit.audit_trainer_data`). Returns the audit record.
@@ -341,7 +341,7 @@ def build_trainer(*, kind: str, stage_cfg: Any, rows: list[dict], start_path: Pa
         check_peft_targets(model, pc)
         kwargs["peft_config"] = pc
     trainer = trainer_cls(**kwargs)
-    audit = finish_audit(kind, trainer, tok, args, stage_cfg, audit, end, rows)
+    audit = finish_audit(kind, trainer, tok, stage_cfg, audit, end)
     return trainer, tok, audit
 
 

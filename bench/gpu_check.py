@@ -130,7 +130,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--deadline-s", type=float, default=None,
                    help="skip checks that would start after this many seconds (default 450; tiny 300)")
     p.add_argument("--peak-tflops", type=float, default=None, help="datasheet dense bf16 peak (default: by device name)")
-    p.add_argument("--cache", type=Path, default=None, help="tokenizer cache (default: a temp dir)")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="dft cache for the converted tokenizers and the tiny model dft's loader is probed with "
+                        "(default: a temp dir; ~/.cache/dft is what dft itself uses)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     a = p.parse_args(argv)
     a.steps = a.steps if a.steps is not None else (1 if a.tiny else 5)
@@ -247,8 +249,8 @@ class PeakMemory:
 class Factory:
     """Random-weight models and start folders (tokenizer + ``config.json``, no weights) per role."""
 
-    def __init__(self, args, device: str, cache: Path):
-        self.args, self.device, self.cache = args, device, cache
+    def __init__(self, args, device: str, cache: Path, scratch: Path):
+        self.args, self.device, self.cache, self.scratch = args, device, cache, scratch
         self.start_dirs: dict[str, Path] = {}
         self._cfgs: dict[tuple, Any] = {}
 
@@ -272,7 +274,7 @@ class Factory:
             return self.start_dirs[role]
         from dft import tokenizers_offline
 
-        out = self.cache / f"start-{role}"
+        out = self.scratch / f"start-{role}"
         out.mkdir(parents=True, exist_ok=True)
         if MODELS[role][2] == "llama3":
             tok = tokenizers_offline.load_llama3_tokenizer(self.cache, instruct=False)
@@ -626,7 +628,7 @@ def train_run(args, factory: Factory, ctx: dict, *, role: str, kind: str, peft: 
     start = factory.start_dir(role)
     _, trainer_cls = stage_module(kind).trainer_classes()
     hf_cfg = factory.hf_config(role)
-    work = Path(tempfile.mkdtemp(prefix=f"gpu-check-{kind}-", dir=factory.cache))
+    work = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=factory.scratch))
     with StepMeter(trainer_cls, device, profile_step=total_steps) as meter, PeakMemory(device) as mem, \
             mock.patch.object(M, "load_model", factory.fake_load_model(qlora_ok)):
         t0 = time.perf_counter()
@@ -817,16 +819,15 @@ def main(argv=None) -> int:
         return 2
     S = sizes(args.tiny)
     t_start = time.perf_counter()
-    tmp = None
+    scratch = tempfile.TemporaryDirectory(prefix="gpu-check-")  # start folders, trainer output dirs
     if args.cache is None:
-        tmp = tempfile.TemporaryDirectory(prefix="gpu-check-")
-        args.cache = Path(tmp.name)
+        args.cache = Path(scratch.name) / "cache"
     args.cache.mkdir(parents=True, exist_ok=True)
     doc: dict[str, Any] = {"schema": SCHEMA, "script": "bench/gpu_check.py", "argv": sys.argv[1:] if argv is None else argv,
                            "tiny": args.tiny, "sizes": S, "steps": args.steps, "warmup": args.warmup,
                            "goals_targets": GOALS, "checks": {}}
     checks = doc["checks"]
-    factory = Factory(args, device, args.cache)
+    factory = Factory(args, device, args.cache, Path(scratch.name))
     ctx: dict[str, Any] = {}
 
     def run(name: str, fn: Callable[[], dict]) -> None:
@@ -839,7 +840,8 @@ def main(argv=None) -> int:
         say(args, f"{name} ...")
         t0 = time.perf_counter()
         try:
-            res = fn()
+            with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints metrics dicts: stdout is the JSON only
+                res = fn()
         except Exception as e:  # noqa: BLE001 - one failing check must not hide the others
             res = {"status": "error", "error": f"{type(e).__name__}: {str(e)[:500]}",
                    "traceback": traceback.format_exc()[-3000:]}
@@ -902,8 +904,7 @@ def main(argv=None) -> int:
         part = args.out.with_name(args.out.name + f".tmp-{os.getpid()}")
         part.write_text(text)
         os.replace(part, args.out)
-    if tmp is not None:
-        tmp.cleanup()
+    scratch.cleanup()
     return 0
 
 

@@ -254,6 +254,7 @@ class Factory:
         self.args, self.device, self.cache, self.scratch = args, device, cache, scratch
         self.start_dirs: dict[str, Path] = {}
         self._cfgs: dict[tuple, Any] = {}
+        self.quantized = 0  # parameters the last QLoRA build stored in NF4
 
     def hf_config(self, role: str):
         from dft.families import REAL_ARCH, hf_config, tiny_config
@@ -314,8 +315,8 @@ class Factory:
                     raise RuntimeError("qlora requested without bitsandbytes on CUDA")
                 from bench.gpu_lora_bench import quantize_linears_
 
-                quantize_linears_(model, compute_dtype=torch_dtype)
-                model.is_loaded_in_4bit = True
+                self.quantized = quantize_linears_(model, compute_dtype=torch_dtype)
+                model.is_loaded_in_4bit = True  # what TRL and PEFT read to treat the model as QLoRA
                 free(device)
             return model
 
@@ -703,6 +704,8 @@ def train_run(args, factory: Factory, ctx: dict, *, role: str, kind: str, peft: 
         "measured_over_estimate": round(mem.peak / est["as_run"]["total"], 4),
         "profile_top": meter.profile, "wall_s": round(wall, 2),
     }
+    if method == "qlora":
+        res["quantized_params"] = factory.quantized
     if device == "cuda":
         res["peak_reserved_gib"] = round(mem.reserved / 2**30, 3)
     if not math.isfinite(loss):

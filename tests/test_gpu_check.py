@@ -121,3 +121,25 @@ def test_goals_are_evaluated_with_margins(doc):
     for name in TRAINING:
         g = goals[f"{name}: dft.memory estimate within +-20% of the measured peak"]
         assert g["value"] == c[name]["measured_over_estimate"] and g["status"] == "not_evaluated"  # CPU: RSS only
+
+
+@pytest.mark.slow  # ~30 s on 2 cores: the QLoRA path the GPU run takes, on CPU (bitsandbytes' CPU kernels)
+def test_qlora_path_trains_through_train_stage_on_cpu(cache_dir, tmp_path, monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    sys.path.insert(0, str(ROOT))
+    import bench.gpu_check as g
+    from dft.data import load_split
+    from dft.families import tiny_config
+    from dft.memory import count_parameters, lora_parameters
+
+    args = g.parse_args(["--tiny", "--cache", str(cache_dir)])
+    factory = g.Factory(args, "cpu", cache_dir, tmp_path)
+    rows = load_split(factory.model_cfg("llama").data, "messages")[:60]
+    r = g.train_run(args, factory, {"matmul_tflops": 0.1, "peak_tflops": None}, role="llama", kind="sft", peft="qlora",
+                    rows=rows, overrides={"max_length": 128}, qlora_ok=True)
+    cfg = tiny_config("llama3")
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert r["status"] == "measured" and r["peft"] == "qlora"
+    assert r["quantized_params"] == count_parameters(cfg)["linear"]  # every decoder linear in NF4
+    assert r["trainable_params"] == lora_parameters(cfg, 16, targets)  # only the adapters train
+    assert r["useful_tokens_per_s"] > 0 and math.isfinite(r["train_loss"])

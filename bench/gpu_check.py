@@ -519,7 +519,9 @@ class StepMeter:
 
         def train(trainer, *a, **k):
             trainer.add_callback(Cb())
-            meter.args_seen = {"gradient_checkpointing": bool(getattr(trainer.args, "gradient_checkpointing", False)),
+            a = trainer.args
+            gc_new = getattr(a, "activation_checkpointing", None)  # transformers >= 5.2x; older: gradient_checkpointing
+            meter.args_seen = {"gradient_checkpointing": bool(gc_new if gc_new is not None else getattr(a, "gradient_checkpointing", False)),
                                "bf16": bool(trainer.args.bf16), "per_device_train_batch_size": trainer.args.per_device_train_batch_size,
                                "max_length": getattr(trainer.args, "max_length", None),
                                "packing": getattr(trainer.args, "packing", None)}

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dft import DftError
 from dft.config import STAGE_SPLIT, validate
+from dft.keys import flat_config, uniform_metrics
 from dft.runs import StageCache, canonical_hash, file_digest, link, meta, read_json, write_json
 
 log = logging.getLogger("dft")
@@ -357,7 +358,7 @@ class Cell:
                 f"strategy:{cfg.strategy.name}", f"merge:{cfg.merge.method}", f"peft:{cfg.peft.method}"]
         self.tracker = Tracker(cfg.logger, run_dir=self.run_dir, experiment=cfg.experiment, cell=self.cell,
                                name=f"{cfg.model.name}|{cfg.strategy.name}|{cfg.merge.method}", job_type=cfg.strategy.name,
-                               tags=tags, config=resolved, enabled=rank0)
+                               tags=tags, config={**resolved, "cell": flat_config(cfg)}, enabled=rank0)
         ok = False
         try:
             if rank0:
@@ -476,7 +477,7 @@ class Cell:
             "artefacts": [a.record() for a in self.artefacts],
             "train": train, "synergy": syn,
             "kinship": {m.name: getattr(m, "kinship", None) for m in merges if getattr(m, "kinship", None)},
-            "metrics": metrics,
+            "metrics": {**metrics, **uniform_metrics([a.record() for a in self.artefacts])},  # + start/ trained/ merged/ final/ delta/
             "objective": cell_objective(self.artefacts, list(cfg.eval.benchmarks)),
             "cache": dict(self.cache.stats),
             "finished_at": time.time(),

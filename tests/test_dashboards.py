@@ -346,3 +346,22 @@ def test_trackio_alone_logs_curves_summary_and_tables(tmp_path):
     assert any("synergy" in r for r in logs)
     (cfg,) = out["config"].values()
     assert cfg["cell"] == {"strategy": "sft", "merge": "none"} and cfg["_Group"] == "exp"
+
+
+def test_wandb_workspace_save_without_a_server_is_one_line(tmp_path, monkeypatch, capsys):
+    from dft.report import main
+    from tests.fixtures.sweep_builder import write_sweep
+
+    sweep = write_sweep(tmp_path / "runs", experiment="syn")
+    for k in ("WANDB_API_KEY", "WANDB_ENTITY"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc key
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandbcfg"))
+    assert main([str(sweep), "--wandb-workspace"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dft.report: saving the workspace needs a W&B server and login (") and err.count("\n") == 1
+    assert err.rstrip().endswith("use --dry-run to print the specification")
+    # the same synthetic sweep's spec: 3 models x 3 strategies x 2 merges, one group
+    assert main([str(sweep), "--wandb-workspace", "--dry-run"]) == 0
+    spec = json.loads(capsys.readouterr().out)
+    assert spec["spec"]["section"]["runSets"][0]["filters"]["filters"][0]["value"] == "syn"

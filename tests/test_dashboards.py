@@ -191,6 +191,14 @@ def test_wandb_workspace_spec_from_the_real_sweep(sweep, capsys):
     assert rs["runFeed"]["columnOrder"][:4] == ["run:displayName", "config:cell.value.model",
                                                 "config:cell.value.family", "config:cell.value.start"]
 
+    # the spec is what wandb-workspaces uploads: it loads back into the same workspace
+    import wandb_workspaces.workspaces as ws
+    from wandb_workspaces.workspaces import internal
+
+    back = ws.Workspace._from_model(internal.View.model_validate(spec))
+    assert [x.name for x in back.runset_settings.groupby] == ["cell.strategy", "cell.merge"]
+    assert [x.name for x in back.sections] == list(sections)
+
     # every key the spec refers to exists in the runs as W&B stored them
     keys = referenced_keys(spec)
     ws = [_wandb(c) for c in cells]

@@ -126,7 +126,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="tiny shapes on CPU (the default-suite test runs this)")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON document here (atomically)")
     p.add_argument("--steps", type=int, default=None, help="timed optimiser steps per training run (default 5; tiny 1)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2; tiny 1)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2; tiny 0)")
     p.add_argument("--checks", nargs="+", default=None, choices=list(BUDGET_S)[1:], help="run only these")
     p.add_argument("--deadline-s", type=float, default=None,
                    help="skip checks that would start after this many seconds (default 450; tiny 300)")
@@ -137,7 +137,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     a = p.parse_args(argv)
     a.steps = a.steps if a.steps is not None else (1 if a.tiny else 5)
-    a.warmup = a.warmup if a.warmup is not None else (1 if a.tiny else 2)
+    a.warmup = a.warmup if a.warmup is not None else (0 if a.tiny else 2)
     a.deadline_s = a.deadline_s if a.deadline_s is not None else (300.0 if a.tiny else 450.0)
     return a
 
@@ -210,15 +210,15 @@ class PeakMemory:
             import torch
 
             sync(self.device)
-            self._base = torch.cuda.memory_allocated()
+            self.base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
             self.source = "torch.cuda.max_memory_allocated minus allocated before"
         else:
             import psutil
 
             proc = psutil.Process()
-            self._base = proc.memory_info().rss
-            self._max = self._base
+            self.base = proc.memory_info().rss
+            self._max = self.base
 
             def sample():
                 while not self._stop.wait(0.005):
@@ -234,7 +234,7 @@ class PeakMemory:
             import torch
 
             sync(self.device)
-            self.peak = torch.cuda.max_memory_allocated() - self._base
+            self.peak = torch.cuda.max_memory_allocated() - self.base
             self.reserved = torch.cuda.max_memory_reserved()
         else:
             self._stop.set()
@@ -242,7 +242,7 @@ class PeakMemory:
             import psutil
 
             self._max = max(self._max, psutil.Process().memory_info().rss)
-            self.peak = self._max - self._base
+            self.peak = self._max - self.base
         return False
 
 
@@ -519,9 +519,10 @@ class StepMeter:
 
         def train(trainer, *a, **k):
             trainer.add_callback(Cb())
-            a = trainer.args
-            gc_new = getattr(a, "activation_checkpointing", None)  # transformers >= 5.2x; older: gradient_checkpointing
-            meter.args_seen = {"gradient_checkpointing": bool(gc_new if gc_new is not None else getattr(a, "gradient_checkpointing", False)),
+            targs = trainer.args
+            gc_new = getattr(targs, "activation_checkpointing", None)  # transformers >= 5.2x; older: gradient_checkpointing
+            meter.args_seen = {"gradient_checkpointing": bool(gc_new if gc_new is not None
+                                                              else getattr(targs, "gradient_checkpointing", False)),
                                "bf16": bool(trainer.args.bf16), "per_device_train_batch_size": trainer.args.per_device_train_batch_size,
                                "max_length": getattr(trainer.args, "max_length", None),
                                "packing": getattr(trainer.args, "packing", None)}
@@ -698,6 +699,7 @@ def train_run(args, factory: Factory, ctx: dict, *, role: str, kind: str, peft: 
         "step_seconds": [round(s["seconds"], 4) for s in meter.steps],
         **rates(fl, secs, ctx["matmul_tflops"], ctx["peak_tflops"]),
         "peak_memory_gib": round(mem.peak / 2**30, 4), "peak_memory_source": mem.source,
+        "in_use_before_gib": round(mem.base / 2**30, 4),  # left over by earlier checks (CUDA) / RSS (CPU)
         "memory_estimate_gib": round(est["as_run"]["total"] / 2**30, 4),
         "memory_estimate_parts_gib": {k: round(est["as_run"][k] / 2**30, 4) for k in
                                       ("weights", "gradients", "optimizer", "activations", "logits")},

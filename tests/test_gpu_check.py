@@ -143,3 +143,17 @@ def test_qlora_path_trains_through_train_stage_on_cpu(cache_dir, tmp_path, monke
     assert r["quantized_params"] == count_parameters(cfg)["linear"]  # every decoder linear in NF4
     assert r["trainable_params"] == lora_parameters(cfg, 16, targets)  # only the adapters train
     assert r["useful_tokens_per_s"] > 0 and math.isfinite(r["train_loss"])
+
+
+def test_checks_past_the_deadline_are_reported_skipped(tmp_path, cache_dir):
+    """The time budget: a check that would start after --deadline-s is in the document as skipped."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="disabled")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--tiny", "--quiet", "--deadline-s", "0",
+                           "--cache", str(cache_dir)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(proc.stdout)
+    for name in ("matmul", "packing", *TRAINING, "mcq_eval"):
+        assert doc["checks"][name]["status"] == "skipped"
+        assert doc["checks"][name]["reason"].endswith("> --deadline-s 0")
+    assert doc["goals"][0] == {"goal": "packing exact for every available attention implementation", "status": "skipped",
+                               "dft_selects": None, "selected_status": None}

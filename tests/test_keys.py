@@ -121,3 +121,78 @@ def test_cell_summary_carries_the_uniform_keys_beside_the_per_artefact_ones(tmp_
                  "artefact/start": "start", "start/b/acc": 0.25, "start/ppl": 9.0,
                  "artefact/trained": "sft", "trained/b/acc": 0.5, "trained/ppl": 7.0,
                  "artefact/final": "sft", "final/b/acc": 0.5, "final/ppl": 7.0, "delta/b/acc": 0.25, "delta/ppl": -2.0}
+
+
+def _wandb_offline(run_dir):
+    """(config, summary) of an offline W&B run, read from its ``run-*.wandb`` file (wandb 0.31 ships no
+    Python reader for it): the LevelDB-style log W&B writes (7-byte file header ``:W&B``, 32 KiB blocks, records ``<crc32, length, type>``
+    of type full/first/middle/last), each record a ``wandb_internal_pb2.Record``."""
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = next(run_dir.glob("run-*.wandb")).read_bytes()
+    assert data[:4] == b":W&B"
+    pos, buf, payloads, block = 7, b"", [], 32768
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 1:
+            payloads.append(chunk)
+        elif kind == 2:
+            buf = chunk
+        elif kind == 3:
+            buf += chunk
+        elif kind == 4:
+            payloads.append(buf + chunk)
+        else:
+            break
+    config, summary = {}, {}
+    for p in payloads:
+        rec = pb.Record()
+        rec.ParseFromString(p)
+        which = rec.WhichOneof("record_type")
+        if which == "config":  # later updates (the Trainer's arguments)
+            config.update({i.key: json.loads(i.value_json) for i in rec.config.update})
+        elif which == "run":  # wandb.init(config=...)
+            config.update({i.key: json.loads(i.value_json) for i in rec.run.config.update})
+        elif which == "summary":
+            summary.update({i.key: json.loads(i.value_json) for i in rec.summary.update if i.key})
+    return config, summary
+
+
+@pytest.mark.slow  # 4 tiny cells: ~2-4 min on 2 cores
+def test_a_real_tiny_sweep_shares_the_uniform_keys_in_summary_json_and_wandb(tmp_path, tiny_model):
+    import json
+
+    from tests.conftest import run_train
+
+    run_train(["-m", "strategy=sft,dpo", "merge=none,slerp", "model=tiny", "data=tiny", "eval.max_items=2",
+               "eval.ppl_max_tokens=200", "eval.max_new_tokens=2", "logger.mode=offline",
+               "strategy.sft.trainer.max_steps=1", "strategy.dpo.trainer.max_steps=1", "experiment=keys"], tmp_path)
+    cells = sorted(d for d in (tmp_path / "keys").iterdir() if (d / "summary.json").exists())
+    assert len(cells) == 4
+    keysets = set()
+    for cell in cells:
+        s = json.loads((cell / "summary.json").read_text())
+        m = s["metrics"]
+        shared = frozenset(k for k in m if k.split("/")[0] in ("start", "final", "delta"))
+        keysets.add(shared)
+        assert m == {**m, **uniform_metrics(s)}  # summary.json holds exactly what dft.keys computes
+        final = s["artefacts"][-1]
+        assert m["artefact/final"] == final["name"] == (f"{s['chain'][0]}+slerp" if s["merge"] == "slerp" else s["chain"][0])
+        for metric, v in final["metrics"].items():
+            assert m[f"final/{metric}"] == v == m[f"eval/{final['name']}/{metric}"]
+            assert m[f"delta/{metric}"] == pytest.approx(v - s["artefacts"][0]["metrics"][metric])
+        runs = list((cell / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1
+        config, summary = _wandb_offline(runs[0])
+        assert {k: summary[k] for k in shared} == {k: m[k] for k in shared}
+        assert config["cell"] == flat_config(s)  # the flat grouping keys, as summary.json has them
+    assert len(keysets) == 1
+    (keys,) = keysets
+    assert {"final/ppl", "start/ppl", "delta/ppl", "final/mascqa/acc_ll", "delta/mascqa/acc_ll"} <= keys

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -36,7 +37,7 @@ class TrackioRun:
         d = trackio_cfg.get("dir") if hasattr(trackio_cfg, "get") else None
         if d:
             d = str(Path(d).resolve())
-            if "trackio" in __import__("sys").modules and os.environ.get("TRACKIO_DIR") != d:
+            if "trackio" in sys.modules and os.environ.get("TRACKIO_DIR") != d:
                 log.warning("trackio was imported with TRACKIO_DIR=%s; logging there, not to %s",
                             os.environ.get("TRACKIO_DIR"), d)
             else:

@@ -143,14 +143,24 @@ class DataConfig:
 
 
 @dataclass
-class LoggerConfig:
-    """Weights & Biases settings; ``mode: auto`` is online with a key, offline without."""
+class TrackioConfig:
+    """trackio, a local dashboard beside or instead of W&B (conf/logger/trackio.yaml)."""
 
-    backend: str = "wandb"  #: ``wandb`` | ``none``
+    enabled: bool = False
+    dir: Optional[str] = None  #: TRACKIO_DIR (its database); None = trackio's default
+
+
+@dataclass
+class LoggerConfig:
+    """Weights & Biases settings; ``mode: auto`` is online with a key, offline without.
+    ``trackio.enabled`` adds a local trackio run (``logger=trackio`` or ``logger=[wandb,trackio]``)."""
+
+    backend: str = "none"  #: ``wandb`` | ``none`` (conf/logger/wandb.yaml sets ``wandb``)
     project: str = "dft"
     entity: Optional[str] = None
     mode: str = "auto"  #: ``auto`` | ``online`` | ``offline`` | ``disabled``
     tags: List[str] = field(default_factory=list)
+    trackio: TrackioConfig = field(default_factory=TrackioConfig)
 
 
 @dataclass

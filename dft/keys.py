@@ -113,3 +113,32 @@ def flat_config(source: Any) -> dict[str, Any]:
     return {"model": c.model.name, "family": c.model.family, "start": c.model.start, "strategy": c.strategy.name,
             "chain": "_".join(c.strategy.chain), "merge": c.merge.method, "peft": c.peft.method, "seed": c.seed,
             "data": c.data.name, "eval": c.eval.name}
+
+
+#: TRL/transformers ``log_history`` fields that become a stage's shared training-curve keys
+CURVE_FIELDS = ("loss", "grad_norm", "learning_rate")
+
+
+def stage_curve_key(stage: str, field: str) -> str:
+    """``train/<stage>/<field>``: a training-curve key every cell with that stage kind shares
+    (``field == "step"`` is its step metric)."""
+    return f"train/{stage}/{field}"
+
+
+def stage_curves(stage: str, log_history: Optional[Sequence[dict]]) -> list[dict[str, float]]:
+    """The rows to log for one stage's training curves, from TRL's ``trainer.state.log_history``.
+
+    One row per logged training step (entries with a numeric ``loss``; the closing entry with
+    ``train_loss``/``train_runtime`` and evaluation entries are left out), each with
+    ``train/<stage>/step`` (the trainer's ``step``) and ``train/<stage>/loss``, ``grad_norm``,
+    ``learning_rate`` where logged. ``stage`` is the stage kind (``cpt``, ``sft``, ``dpo``,
+    ``orpo``), so all SFT curves of a sweep have the same keys whatever their chain.
+    """
+    rows = []
+    for e in log_history or []:
+        if not _number(e.get("loss")) or not _number(e.get("step")):
+            continue
+        row = {stage_curve_key(stage, "step"): e["step"]}
+        row.update({stage_curve_key(stage, f): e[f] for f in CURVE_FIELDS if _number(e.get(f))})
+        rows.append(row)
+    return rows

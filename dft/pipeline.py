@@ -159,8 +159,8 @@ class Cell:
             if f.name != "metrics.json":
                 shutil.copyfile(f, out_dir / f.name)
         art.metrics = done
-        if self.tracker:
-            self.tracker.log({f"eval/{art.name}/{k}": v for k, v in done.items()})
+        if self.tracker:  # summary, not history: a later re-evaluation must not log below the run's last step
+            self.tracker.summary({f"eval/{art.name}/{k}": v for k, v in done.items()})
             for f in sorted(out_dir.glob("*.json")):
                 rec = read_json(f)
                 if isinstance(rec, dict) and rec.get("items"):
@@ -389,6 +389,8 @@ class Cell:
             for i, stage in enumerate(cfg.strategy.chain):
                 lineage = {**lineage, "stages": lineage["stages"] + [stage_lineage(cfg, stage, self.data_identity)]}
                 art = self.train_or_reuse(stage, parent, rows[STAGE_SPLIT[stage]], lineage)
+                if rank0 and self.tracker:  # train/<stage>/loss|grad_norm|learning_rate vs train/<stage>/step
+                    self.tracker.curves(stage, self.train_facts.get(art.name, {}).get("log_history"))
                 last = i == len(cfg.strategy.chain) - 1
                 if rank0 and (cfg.eval.stages or last):
                     self.evaluate(art)

@@ -273,8 +273,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--digits", type=int, default=4, help="decimals in the tables (default 4)")
     p.add_argument("--top", type=int, default=10, help="rows per group in the rankings")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # a ready-made W&B workspace instead of the Markdown report (dft.dashboards.workspace)
+    p.add_argument("--wandb-workspace", action="store_true", help="build a W&B workspace for the sweep")
+    p.add_argument("--dry-run", action="store_true", help="with --wandb-workspace: print its JSON spec, save nothing")
+    p.add_argument("--wandb-entity", help="W&B entity of the runs (default: $WANDB_ENTITY, else your default)")
+    p.add_argument("--wandb-project", help="W&B project of the runs (default: $WANDB_PROJECT, else dft)")
     args = p.parse_args(argv)
     try:
+        if args.wandb_workspace:
+            from dft.dashboards.workspace import main_workspace
+
+            return main_workspace(args.sweeps, dry_run=args.dry_run, entity=args.wandb_entity,
+                                  project=args.wandb_project)
         path = build_report(args.sweeps, args.out, args.metrics, args.digits,
                             progress=not args.no_progress, top=args.top)
     except DftError as e:

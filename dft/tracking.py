@@ -34,12 +34,21 @@ def run_id(experiment: str, cell: str) -> str:
 
 
 class Tracker:
-    """A W&B run for one cell, or a no-op when ``logger.backend`` is ``none``/mode ``disabled``."""
+    """A W&B run for one cell, or a no-op when ``logger.backend`` is ``none``/mode ``disabled``;
+    with ``logger.trackio.enabled`` also a local trackio run that gets the same calls."""
 
     def __init__(self, logger_cfg: Any, *, run_dir: Path, experiment: str, cell: str, name: str,
                  job_type: str, tags: list[str], config: dict, enabled: bool = True):
         self.run = None
+        self.trackio = None  # a dft.dashboards.trackio_logger.TrackioRun beside (or instead of) W&B
+        self._curve_steps: set[str] = set()
         self.mode = resolve_mode(logger_cfg.mode)
+        tk = logger_cfg.get("trackio") if hasattr(logger_cfg, "get") else None
+        if enabled and tk is not None and tk.get("enabled"):
+            from dft.dashboards.trackio_logger import TrackioRun
+
+            self.trackio = TrackioRun(tk, project=logger_cfg.project, experiment=experiment, name=name,
+                                      run_id=run_id(experiment, cell), config=config)
         if not enabled or logger_cfg.backend == "none" or self.mode == "disabled":
             return
         import wandb
@@ -69,26 +78,58 @@ class Tracker:
         return "wandb" if self.run is not None else "none"
 
     def log(self, metrics: dict) -> None:
+        """A history row (training-time values only: evaluation results go to :meth:`summary`)."""
         if self.run is not None and metrics:
             self.run.log(metrics)
+        if self.trackio is not None:
+            self.trackio.log(metrics)
 
     def summary(self, metrics: dict) -> None:
+        """Run-summary keys: never a history step, so a later evaluation of a finished run
+        (a backfill) cannot log at a step below the run's last one."""
         if self.run is not None:
             self.run.summary.update(metrics)
+        if self.trackio is not None:
+            self.trackio.summary(metrics)
+
+    def curves(self, stage: str, log_history: Optional[list]) -> None:
+        """A stage's training curves as ``train/<stage>/loss|grad_norm|learning_rate`` against the
+        step metric ``train/<stage>/step`` (declared with ``define_metric``), the same keys in every
+        cell (:func:`dft.keys.stage_curves`); for a reused stage, the curves of the run that trained it."""
+        from dft.keys import CURVE_FIELDS, stage_curve_key, stage_curves
+
+        rows = stage_curves(stage, log_history)
+        if self.run is not None and rows and stage not in self._curve_steps:
+            step = stage_curve_key(stage, "step")
+            self.run.define_metric(step)
+            for f in CURVE_FIELDS:  # exact names: they win over TRL's "*" -> train/global_step glob
+                self.run.define_metric(stage_curve_key(stage, f), step_metric=step)
+            self._curve_steps.add(stage)
+        for r in rows:
+            self.log(r)
 
     def table(self, key: str, rows: list[dict]) -> None:
-        """Log ``rows`` (dicts with the same keys) as a W&B table under ``key``."""
-        if self.run is None or not rows:
+        """``rows`` (dicts with the same keys) as a table under ``key`` in the run summary (W&B)
+        and in trackio; in the summary, not history, for the same reason as :meth:`summary`."""
+        if not rows:
+            return
+        if self.trackio is not None:
+            self.trackio.table(key, rows)
+        if self.run is None:
             return
         import wandb
 
         cols = list(rows[0].keys())
-        self.run.log({key: wandb.Table(columns=cols, data=[[str(r.get(c)) if isinstance(r.get(c), (dict, list)) else r.get(c) for c in cols] for r in rows])})
+        self.run.summary[key] = wandb.Table(columns=cols, data=[
+            [str(r.get(c)) if isinstance(r.get(c), (dict, list)) else r.get(c) for c in cols] for r in rows])
 
     def finish(self, exit_code: int = 0) -> None:
         if self.run is not None:
             self.run.finish(exit_code=exit_code)
             self.run = None
+        if self.trackio is not None:
+            self.trackio.finish()
+            self.trackio = None
 
 
 def scrub(obj: Any, secrets: Optional[list[str]] = None) -> Any:

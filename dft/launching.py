@@ -110,7 +110,17 @@ class LauncherCheck(_Callback):  # type: ignore[misc,valid-type]
 
 
 class CellFailed(RuntimeError):
-    """A cell of a multirun failed; the message names its overrides, job id, state and log."""
+    """A cell of a multirun failed; the message names its overrides, job id, state and log.
+
+    ``line`` is the one-line summary ``python -m dft.train`` ends with (the first failed cell, its
+    job, state and log); ``details`` the lines printed above it (run dir, the error's tail, the
+    cells still running). ``str()`` is both.
+    """
+
+    def __init__(self, details: str, line: str = ""):
+        super().__init__(f"{details}\n{line}" if line else details)
+        self.details = details
+        self.line = line or details.splitlines()[0]
 
 
 def _job_state(job: Any) -> str:
@@ -127,18 +137,20 @@ def _refresh(jobs: Sequence[Any]) -> None:
         watcher.update()
 
 
-def _tail(text: str, n: int = 25) -> str:
+def _tail(text: str, n: int = 6) -> str:
     lines = text.strip().splitlines()
     return "\n".join(("    " + line) for line in lines[-n:])
 
 
-def _failure(i: int, cell: str, job: Any, error: BaseException, run_dir: Optional[str]) -> str:
+def _failure(i: int, cell: str, job: Any, error: BaseException, run_dir: Optional[str]) -> tuple[str, str]:
+    """(details, one line) of a failed cell."""
     paths = getattr(job, "paths", None)
     log_file = getattr(paths, "stderr", None)
     what = f"{type(error).__name__}: {error}"
     return (
         f"cell #{i} {cell} failed (job {job.job_id}, state {_job_state(job)})\n"
-        f"  run dir: {run_dir or '?'}\n  log: {log_file}\n{_tail(what)}"
+        f"  run dir: {run_dir or '?'}\n  log: {log_file}\n{_tail(what)}",
+        f"cell #{i} {cell} failed (job {job.job_id}, state {_job_state(job)}); log: {log_file}",
     )
 
 
@@ -189,14 +201,16 @@ def wait_for_cells(
                 results[i] = ret
             if failures:
                 still = [f"#{i} {jobs[i].job_id} {cells[i]}" for i in sorted(pending)]
-                msg = "\n".join(failures)
+                msg = "\n".join(f for f, _ in failures)
+                line = failures[0][1] + (f" (and {len(failures) - 1} more cell(s), above)" if len(failures) > 1 else "")
                 if still:
                     array = str(jobs[0].job_id).split("_")[0]
                     msg += (
                         f"\n{len(still)} other cell(s) still running; they go on (squeue -j {array}; "
                         f"cancel: scancel {array}):\n  " + "\n  ".join(still)
                     )
-                raise CellFailed(msg)
+                    line += f"; {len(still)} other cell(s) still running (scancel {array} stops them)"
+                raise CellFailed(msg, line)
             if pending:
                 if time.monotonic() - last_report > 60:
                     states: dict = {}

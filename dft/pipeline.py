@@ -107,6 +107,7 @@ class Cell:
         self.train_facts: dict[str, dict] = {}
         self.artefacts: list[Artefact] = []
         self._tok = None
+        self.current_stage: Optional[tuple] = None  #: (artefact, work dir, save_steps) while a stage trains
 
     # ------------------------------------------------------------------ checks before work
     def check_inputs(self) -> dict[str, list[dict]]:
@@ -273,10 +274,13 @@ class Cell:
                     sc = cfg.strategy[stage]
                     use = rows[: sc.max_samples] if sc.max_samples else rows
                     log.info("stage %s: training %s on %d rows -> %s", name, stage.upper(), len(use), entry)
+                    # what a Ctrl-C names (dft.train.interrupted_message): the stage, its checkpoints
+                    self.current_stage = (name, entry / "work", sc.trainer.get("save_steps"))
                     facts = train_stage(kind=stage, stage_cfg=sc, rows=use, start_path=parent.path, model_cfg=cfg.model,
                                         peft_cfg=cfg.peft, work_dir=entry / "work", out_dir=final, device=self.device,
                                         report_to=self.tracker.report_to if self.tracker else "none", seed=cfg.seed,
                                         save=rank0)
+                    self.current_stage = None
                     if rank0:
                         self.cache.commit(key, {"lineage": lineage, "train": facts, "artefact": name})
                     self._barrier()

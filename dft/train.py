@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional, Sequence
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -58,18 +59,166 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> Optional[float]:
-    """Hydra task function: one cell. Returns the cell's objective (for sweepers)."""
-    from dft.pipeline import run_cell
+    """Hydra task function: one cell. Returns the cell's objective (for sweepers).
+
+    Every way a cell can end badly ends in one line on stderr: a :class:`dft.DftError` (bad input)
+    and any other exception exit with status 2 (the traceback of an unexpected one goes to
+    ``<run dir>/traceback.txt``, or a temp file when the run dir was never made), Ctrl-C with 130,
+    saying whether the interrupted stage resumes from a checkpoint or restarts from step 0.
+    """
+    from dft.pipeline import Cell
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    cell = None
     try:
-        return run_cell(cfg, run_dir, run_dir.name)
+        cell = Cell(cfg, run_dir, run_dir.name)
+        return cell.run()
     except DftError as e:
         log.debug("%s", e)  # printed once, as the one line below
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"error: {interrupted_message(cell, run_dir.name)}", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - an unexpected error: one line here, the traceback in a file
+        where = _save_traceback(run_dir)
+        print(f"error: cell {run_dir.name} failed: {type(e).__name__}: {_first_line(e)} (traceback: {where})",
+              file=sys.stderr)
+        sys.exit(2)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
+def _save_traceback(run_dir: Path) -> str:
+    """Write the current exception's traceback next to the cell (or to a temp file); return its path."""
+    import tempfile
+    import traceback
+
+    text = traceback.format_exc()
+    try:
+        if run_dir.is_dir():
+            path = run_dir / "traceback.txt"
+            path.write_text(text)
+            return str(path)
+    except OSError:
+        pass
+    fd, name = tempfile.mkstemp(prefix="dft-traceback-", suffix=".txt")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    return name
+
+
+def interrupted_message(cell, name: str) -> str:
+    """The one line of a Ctrl-C'd cell: where it stopped and what a rerun of the same command does.
+
+    ``cell.current_stage`` (set by :meth:`dft.pipeline.Cell.train_or_reuse` while a stage trains)
+    says which stage was training; its work dir's ``checkpoint-*`` folders say whether a rerun
+    resumes it or restarts it from step 0.
+    """
+    stage = getattr(cell, "current_stage", None) if cell is not None else None
+    if not stage:
+        return f"interrupted (Ctrl-C) in cell {name}; rerun the same command to continue (finished stages are cached)"
+    artefact, work_dir, save_steps = stage
+    from dft.stages import last_checkpoint
+
+    ckpt = last_checkpoint(Path(work_dir))
+    if ckpt:
+        return (f"interrupted (Ctrl-C) in cell {name} while training stage {artefact}; rerun the same command "
+                f"to resume it from {Path(ckpt).name}")
+    return (f"interrupted (Ctrl-C) in cell {name} while training stage {artefact} before its first checkpoint "
+            f"(save_steps={save_steps}): a rerun restarts this stage from step 0")
+
+
+# ------------------------------------------------------------------------------- the command line
+#: Hydra's flags that take no value; its argument parser accepts them only before the overrides
+_FLAGS = ("-m", "--multirun")
+
+
+def normalize_argv(argv: Sequence[str]) -> List[str]:
+    """``argv`` with ``-m``/``--multirun`` moved in front of the overrides.
+
+    Hydra's parser reads the overrides as one positional list, so ``dry_run=true -m grid=x`` fails
+    with ``unrecognized arguments: grid=x``; the flag's place carries no meaning, so dft accepts it
+    anywhere.
+    """
+    head, rest = list(argv[:1]), list(argv[1:])
+    flags = [a for a in rest if a in _FLAGS]
+    return head + flags[:1] + [a for a in rest if a not in _FLAGS]
+
+
+def describe_error(e: BaseException) -> str:
+    """One line for an error that ends ``python -m dft.train`` before or around the cells.
+
+    * an unknown group option (``strategy=dpoo``): the group's valid choices;
+    * an unknown key: the valid keys of a typed node (no ``+`` hint: ``+`` would add a key that
+      the schema does not know and nothing reads), or the ``+`` form for a pass-through dict
+      (``strategy.<stage>.trainer``, ``merge.params``), where adding a key is how it is done;
+    * a wrong type, an unparsable override: the key and OmegaConf's reason;
+    * :class:`dft.launching.CellFailed`: its one-line summary;
+    * anything else: its type and first line.
+    """
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    from dft.launching import CellFailed
+
+    if isinstance(e, DftError):
+        return str(e)
+    if isinstance(e, CellFailed):
+        return e.line
+    if isinstance(e, MissingConfigException) and e.missing_cfg_file and "/" in e.missing_cfg_file:
+        group, _, option = e.missing_cfg_file.rpartition("/")
+        choices = ", ".join(e.options or []) or "none"
+        return f"{group}={option}: no option {option!r} in config group {group!r}; choose one of: {choices}"
+    if isinstance(e, OverrideParseException):
+        return f"cannot parse an override: {_first_line(e)} (syntax: https://hydra.cc/docs/1.3/advanced/override_grammar/basic)"
+    cause = e.__cause__
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and cause.full_key:
+        import dataclasses
+
+        typ = cause.object_type
+        if typ is not None and dataclasses.is_dataclass(typ):
+            keys = ", ".join(f.name for f in dataclasses.fields(typ))
+            parent = cause.full_key.rpartition(".")[0] or "the top level"
+            return f"unknown key {cause.full_key}: {parent} ({typ.__name__}) has only {keys}"
+        plus = re.search(r"use (\+\S+)", str(e))
+        return (f"unknown key {cause.full_key}: the YAML does not set it; add a new key with "
+                f"{plus.group(1) if plus else '+' + cause.full_key + '=<value>'} (a TRL field or mergekit "
+                "parameter: their constructors reject misspelt ones)")
+    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+        return f"{cause.full_key}: {_first_line(cause)}"
+    return f"{type(e).__name__}: {_first_line(e)}"
+
+
+def cli(argv: Optional[Sequence[str]] = None) -> None:
+    """``python -m dft.train``: Hydra's command line, with every failure as one line on stderr.
+
+    Errors exit with status 2 (``error: <what>, naming the key, option, file or cell``), Ctrl-C
+    with 130. ``HYDRA_FULL_ERROR=1`` keeps Hydra's full tracebacks for debugging.
+    """
+    sys.argv = normalize_argv(sys.argv if argv is None else argv)
+    full = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # exceptions reach this function instead of Hydra's printer
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C); rerun the same command to continue (finished stages and cells are "
+              "kept)", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - every failure ends in one line
+        if full:
+            raise
+        from dft.launching import CellFailed
+
+        if isinstance(e, CellFailed) and e.details:
+            print(e.details, file=sys.stderr)
+        print(f"error: {describe_error(e)}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -76,16 +76,34 @@ def main(cfg: DictConfig) -> Optional[float]:
         return cell.run()
     except DftError as e:
         log.debug("%s", e)  # printed once, as the one line below
+        _close_progress_bars()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
+        _close_progress_bars()
         print(f"error: {interrupted_message(cell, run_dir.name)}", file=sys.stderr)
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 - an unexpected error: one line here, the traceback in a file
+        _close_progress_bars()
         where = _save_traceback(run_dir)
         print(f"error: cell {run_dir.name} failed: {type(e).__name__}: {_first_line(e)} (traceback: {where})",
               file=sys.stderr)
         sys.exit(2)
+
+
+def _close_progress_bars() -> None:
+    """Close the tqdm bars an interrupted trainer left open, so they do not print after the error line."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - a bar is only decoration
+            pass
+    sys.stdout.flush()
+    sys.stderr.flush()
 
 
 def _first_line(e: BaseException) -> str:

@@ -94,6 +94,39 @@ def find_summaries(sweep: str | os.PathLike) -> list[Path]:
     return sorted(found)
 
 
+def skipped_cells(sweep: str | os.PathLike) -> list[dict]:
+    """Cell folders under ``sweep`` without a ``summary.json``, which :func:`load_sweep` leaves out.
+
+    A cell folder is one Hydra made (``.hydra/``) or dft wrote ``meta.json`` into. Returns
+    ``[{"cell": folder relative to sweep, "reason": ...}]`` sorted by folder; the reason says
+    what is known: the exception of a ``traceback.txt`` (``dft.train`` writes one when a cell
+    fails unexpectedly), ``started, no summary.json`` (still running, interrupted, or killed:
+    its log is ``<folder>/*.log``), or ``never ran`` (Hydra's files only). Folders whose name
+    starts with ``.`` or ``_`` (the stage cache, plans, submitit) are not cells.
+    """
+    root = Path(sweep)
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        d = Path(dirpath)
+        if "summary.json" in filenames:
+            dirnames[:] = []
+            continue
+        is_cell = ".hydra" in dirnames or "meta.json" in filenames
+        dirnames[:] = sorted(x for x in dirnames if x not in _SKIP_DIRS and not x.startswith((".", "_")))
+        if not is_cell:
+            continue
+        dirnames[:] = []
+        if "traceback.txt" in filenames:
+            lines = [ln for ln in (d / "traceback.txt").read_text(errors="replace").splitlines() if ln.strip()]
+            reason = f"failed: {lines[-1].strip() if lines else 'see traceback.txt'}"
+        elif "meta.json" in filenames:
+            reason = "started, no summary.json (still running, interrupted or killed; see its log)"
+        else:
+            reason = "never ran (only Hydra's files: failed its checks before starting)"
+        out.append({"cell": str(d.relative_to(root)) if d != root else ".", "reason": reason})
+    return sorted(out, key=lambda r: r["cell"])
+
+
 def load_summaries(paths, progress: bool = False) -> list[dict]:
     """Read every ``summary.json`` under one or more sweep folders.
 

@@ -14,7 +14,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -38,10 +38,36 @@ def cell_name(override_dirname: str) -> str:
     return name
 
 
+#: environment variable that carries a multirun's derived sweep name into its cells (in this process,
+#: submitit-local children and SLURM jobs, which inherit the submitting environment, requeues included)
+SWEEP_ENV = "DFT_SWEEP_NAME"
+
+
+def default_experiment() -> str:
+    """Resolver ``${dft.experiment:}``, the default of ``experiment``: the sweep's derived name in a
+    multirun started without ``experiment=`` (:class:`SweepFolder` sets it), else ``default``."""
+    return os.environ.get(SWEEP_ENV) or "default"
+
+
+def sweep_name(overrides: Sequence[str], exclude: Sequence[str] = ()) -> str:
+    """Folder name of a multirun without ``experiment=``: its command-line overrides, sorted, as one
+    path-safe string (:func:`cell_name`), leaving out the keys the cells' names leave out
+    (``hydra.job.config.override_dirname.exclude_keys``: launcher, logger, paths ...).
+
+    ``strategy=dpo,orpo model=smollm2_135m`` -> ``model=smollm2_135m,strategy=dpo,orpo``: the same
+    command always gives the same folder (so a resubmitted or requeued sweep finds its cells) and
+    two different sweeps never share one. No overrides -> ``default``.
+    """
+    keep = sorted(o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in set(exclude))
+    return cell_name(",".join(keep))
+
+
 def register_resolvers() -> None:
-    """OmegaConf resolvers used by the configs (``dft.cell``, ``dft.root`` and the launcher's)."""
+    """OmegaConf resolvers used by the configs (``dft.cell``, ``dft.root``, ``dft.experiment``, the launcher's)."""
     if not OmegaConf.has_resolver("dft.cell"):
         OmegaConf.register_new_resolver("dft.cell", cell_name)
+    if not OmegaConf.has_resolver("dft.experiment"):
+        OmegaConf.register_new_resolver("dft.experiment", default_experiment)
     if not OmegaConf.has_resolver("dft.root"):
         OmegaConf.register_new_resolver("dft.root", lambda: str(ROOT))
     try:
@@ -49,6 +75,33 @@ def register_resolvers() -> None:
     except ImportError:
         return
     launcher_resolvers()
+
+
+try:
+    from hydra.experimental.callback import Callback as _Callback
+except ImportError:  # pragma: no cover - hydra-core is a dependency
+    _Callback = object  # type: ignore[misc,assignment]
+
+
+class SweepFolder(_Callback):  # type: ignore[misc,valid-type]
+    """``hydra.callbacks.dft_sweep``: a multirun without ``experiment=`` gets its own folder.
+
+    Without it every such grid, the main job and the dry runs shared ``runs/default``. At the start
+    of a multirun whose ``experiment`` is still the default interpolation (neither the command line
+    nor a ``grid=`` set it), the sweep is named by :func:`sweep_name` and the name is passed to the
+    cells through :data:`SWEEP_ENV`; one line says where the sweep goes and how to name it.
+    """
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        raw = OmegaConf.to_container(config, resolve=False)
+        if raw.get("experiment") != "${dft.experiment:}":
+            os.environ.pop(SWEEP_ENV, None)
+            return
+        exclude = OmegaConf.select(config, "hydra.job.config.override_dirname.exclude_keys", default=[]) or []
+        name = sweep_name(list(config.hydra.overrides.task), list(exclude))
+        os.environ[SWEEP_ENV] = name
+        print(f"sweep folder: {Path(str(config.paths.runs)) / name} (named after the overrides; "
+              f"experiment=<name> names it yourself)", file=sys.stderr, flush=True)
 
 
 register_configs()
@@ -73,7 +126,10 @@ def main(cfg: DictConfig) -> Optional[float]:
     cell = None
     try:
         cell = Cell(cfg, run_dir, run_dir.name)
-        return cell.run()
+        try:
+            return cell.run()
+        finally:
+            remove_if_unused(run_dir)
     except DftError as e:
         log.debug("%s", e)  # printed once, as the one line below
         _close_progress_bars()
@@ -89,6 +145,33 @@ def main(cfg: DictConfig) -> Optional[float]:
         print(f"error: cell {run_dir.name} failed: {type(e).__name__}: {_first_line(e)} (traceback: {where})",
               file=sys.stderr)
         sys.exit(2)
+
+
+#: what Hydra writes into every job's folder before the task starts (``.hydra/`` and the job's log)
+_HYDRA_FILES = (".hydra",)
+
+
+def remove_if_unused(run_dir: Path) -> bool:
+    """Remove a cell folder that holds nothing but Hydra's own files (``.hydra/``, ``<job>.log``).
+
+    Hydra creates the folder before the cell runs; a dry run (its plan goes to ``<sweep>/.plan/``)
+    or a cell that failed its checks before writing ``meta.json`` would otherwise leave an empty
+    cell behind, which reports and notebooks would count. Returns whether it removed it.
+    """
+    import shutil
+
+    try:
+        entries = list(run_dir.iterdir())
+    except OSError:
+        return False
+    if not entries or any(not (e.name in _HYDRA_FILES or (e.is_file() and e.suffix == ".log")) for e in entries):
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    try:
+        run_dir.parent.rmdir()  # the sweep folder too, when this was its only cell
+    except OSError:
+        pass
+    return True
 
 
 def _close_progress_bars() -> None:

@@ -361,7 +361,7 @@ class Cell:
                 f"strategy:{cfg.strategy.name}", f"merge:{cfg.merge.method}", f"peft:{cfg.peft.method}"]
         self.tracker = Tracker(cfg.logger, run_dir=self.run_dir, experiment=cfg.experiment, cell=self.cell,
                                name=f"{cfg.model.name}|{cfg.strategy.name}|{cfg.merge.method}", job_type=cfg.strategy.name,
-                               tags=tags, config=resolved, enabled=rank0)
+                               tags=tags, config=resolved, enabled=rank0, force=bool(cfg.force))
         ok = False
         try:
             if rank0:

@@ -338,6 +338,12 @@ class Cell:
 
         validate(cfg)
         rows = self.check_inputs()
+        from dft.plan import missing_weights
+
+        missing = missing_weights(cfg)  # start and partner at once, not the first one only
+        if missing:
+            raise DftError(f"no weights on this machine for model {cfg.model.name}: {', '.join(missing)}; set model.path / "
+                           "model.partner_path to local copies, or allow downloads (unset HF_HUB_OFFLINE)")
         start_path = resolve_model_path(cfg.model, cfg.paths.cache)
         merging = cfg.merge.method != "none"
         partner_path = resolve_model_path(cfg.model, cfg.paths.cache, which="partner") if merging else None

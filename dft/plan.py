@@ -153,6 +153,39 @@ def locate_weights(model_cfg: Any, cache_dir: str, which: str = "model") -> tupl
             return None, str(e)
 
 
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` forbids downloads (then a model missing from the cache cannot be fetched)."""
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+def missing_weights(cfg: Any) -> list[str]:
+    """The weights a cell needs that it cannot get on this machine: hub ids, or ``model.path=<dir>``.
+
+    A model is missing when its ``model.path``/``model.partner_path`` holds no model, or when it
+    is not in the local Hugging Face cache and the hub is offline (``HF_HUB_OFFLINE=1``); with
+    the hub reachable the cell downloads it when it starts, so it is not missing. The embedded
+    and ``tiny*`` models are always available (converted or built on demand). Looks up only,
+    never downloads (``python -m dft.train`` checks every cell of a sweep with it before starting
+    any; a dry run lists them and exits non-zero).
+    """
+    from dft.families import tiny_family
+
+    m = cfg.model
+    checks = [("model", m.path, m.hub_id)]
+    if cfg.merge.method != "none" and (m.partner_path or m.partner):
+        checks.append(("partner", m.partner_path, m.partner))
+    out: list[str] = []
+    for which, path, hub in checks:
+        if which == "model" and path is None and (m.embedded or tiny_family(hub) is not None):
+            continue
+        found, _ = locate_weights(m, cfg.paths.cache, which=which)
+        if found is None and (path is not None or hub_offline()):
+            where = f"{'model.path' if which == 'model' else 'model.partner_path'}={path}" if path else str(hub)
+            if where not in out:
+                out.append(where)
+    return out
+
+
 def _provisional_identity(model_cfg: Any, which: str = "model") -> dict:
     """Identity of weights that are not here: the same fields as model_identity, weights unknown."""
     if which == "partner":
@@ -322,6 +355,7 @@ def make_plan(cell: Any) -> dict:
         "weights": {"start": str(start_path) if start_path else None,
                     "partner": str(partner_path) if partner_path else None, "missing": missing},
         "keys_provisional": provisional, "start_key": start_key,
+        "cannot_run": missing_weights(cfg) if provisional else [],
         "rows": {k: len(v) for k, v in rows.items()},
         "stages": stages, "merges": merges, "evals": [e for e in evals if e],
         "mergekit_config": "valid" if mergekit_ok else None,
@@ -367,6 +401,9 @@ def dry_run(cell: Any) -> Path:
     path = write_plan(plan, cell.run_dir)
     print(format_cell(plan), flush=True)
     logging.getLogger("dft").info("dry run: every TRL config builds; plan written to %s", path)
+    if plan["cannot_run"] and not _in_multirun():
+        raise DftError(f"this cell cannot run on this machine: no weights for {', '.join(plan['cannot_run'])} "
+                       "(the plan above is provisional)")
     return path
 
 
@@ -538,9 +575,16 @@ class PlanCallback(_Callback):  # type: ignore[misc,valid-type]
         summary = summarise(plans)
         write_json(sweep / PLAN_DIR / GRID_FILE, summary)
         print(format_grid(summary, plans, str(sweep)), flush=True)
-        if summary["errors"]:
-            print(f"error: {len(summary['errors'])} cell(s) of the grid have invalid configs (listed above)",
-                  file=sys.stderr, flush=True)
+        blocked = [p for p in plans if p.get("cannot_run")]
+        models = sorted({m for p in blocked for m in p["cannot_run"]})
+        if summary["errors"] or blocked:
+            why = []
+            if summary["errors"]:
+                why.append(f"{len(summary['errors'])} cell(s) of the grid have invalid configs (listed above)")
+            if blocked:
+                why.append(f"{len(blocked)} of {summary['cells']} cell(s) cannot run on this machine: no weights for "
+                           f"{', '.join(models)}" + (" (HF_HUB_OFFLINE=1: nothing is downloaded)" if hub_offline() else ""))
+            print("error: " + "; ".join(why), file=sys.stderr, flush=True)
             sys.exit(2)
 
 
@@ -556,7 +600,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     summary = summarise(plans)
     print(format_grid(summary, plans, ns.sweep))
-    return 2 if summary["errors"] else 0
+    blocked = sorted({m for p in plans for m in p.get("cannot_run") or []})
+    if blocked:
+        print(f"error: cells of this plan cannot run where it was made: no weights for {', '.join(blocked)}",
+              file=sys.stderr)
+    return 2 if summary["errors"] or blocked else 0
 
 
 if __name__ == "__main__":

@@ -104,6 +104,46 @@ class SweepFolder(_Callback):  # type: ignore[misc,valid-type]
               f"experiment=<name> names it yourself)", file=sys.stderr, flush=True)
 
 
+def sweep_jobs(config: Any) -> List[List[str]]:
+    """The override lists of every job of a multirun, as Hydra's basic sweeper expands them
+    (the grid's ``hydra.sweeper.params`` first, then the command line's overrides)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    args = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+    parsed = OverridesParser.create().parse_overrides(args)
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+class WeightsCheck(_Callback):  # type: ignore[misc,valid-type]
+    """``hydra.callbacks.dft_weights``: before a multirun starts any cell, every cell's weights are
+    looked up (:func:`dft.plan.missing_weights`, never downloading) and all missing models are
+    reported in one line, exit status 2, instead of one failed cell at a time. Dry runs are left
+    to :class:`dft.plan.PlanCallback`, which lists them after the plan."""
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        if OmegaConf.select(config, "dry_run", default=False):
+            return
+        from hydra import compose
+
+        from dft.plan import hub_offline, missing_weights
+
+        jobs = sweep_jobs(config)
+        blocked: set = set()
+        cells = 0
+        for job in jobs:
+            missing = missing_weights(compose(config_name="train", overrides=job))
+            cells += bool(missing)
+            blocked.update(missing)
+        if blocked:
+            print(f"error: {cells} of the {len(jobs)} cells cannot run on this machine: no weights for "
+                  f"{', '.join(sorted(blocked))}"
+                  + (" (HF_HUB_OFFLINE=1: nothing is downloaded)" if hub_offline() else "")
+                  + "; nothing was started", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+
 register_configs()
 register_resolvers()
 # bitsandbytes warns on every import on CPU that an optional kernel package is missing

@@ -506,6 +506,11 @@ class Cell:
             L = t.get("max_length", cfg.model.max_length)
             lines.append(f"  {stage}: effective batch {bs} x {L} tokens, max_steps {t.get('max_steps', -1)}, "
                          f"lr {t.get('learning_rate')}")
+        from dft.plan import demo_budget_warning, demo_budgets
+
+        demo = demo_budgets(cfg)
+        if demo:
+            lines.append("  WARNING: " + demo_budget_warning(demo, cfg.model.name))
         if self.device == "cpu" and cfg.strategy.chain:
             lines.append("  no CUDA device: training runs without bf16 and gradient checkpointing (they fail or run ~13x "
                          "slower on CPU)")

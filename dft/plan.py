@@ -186,6 +186,39 @@ def missing_weights(cfg: Any) -> list[str]:
     return out
 
 
+def demo_budgets(cfg: Any) -> list[str]:
+    """``["<stage> max_steps=<n>", ...]``: the stages of a hub-model cell that train with the CPU demo
+    step budget of ``conf/stage/<stage>.yaml`` (minutes on 2 CPU cores, meaningless for a 7-8B model).
+
+    A stage counts when its ``max_steps`` is still that file's value; the paper grids
+    (``conf/grid/recipe/paper.yaml``: epochs, ``max_steps: -1``) and any ``max_steps`` override do
+    not. The embedded and ``tiny*`` models are what those budgets are for. The dry-run plan and
+    the start banner print the result (issue 22: 8B cells planned 7.97e-05 GPU-hours silently).
+    """
+    import yaml
+
+    from dft import ROOT
+    from dft.families import tiny_family
+
+    if cfg.model.embedded or tiny_family(cfg.model.hub_id) is not None:
+        return []
+    out = []
+    for stage in cfg.strategy.chain:
+        f = ROOT / "conf" / "stage" / f"{stage}.yaml"
+        demo = ((yaml.safe_load(f.read_text()) or {}).get("trainer") or {}).get("max_steps") if f.exists() else None
+        steps = (cfg.strategy[stage].trainer or {}).get("max_steps")
+        if demo and demo > 0 and steps == demo:
+            out.append(f"{stage} max_steps={steps}")
+    return out
+
+
+def demo_budget_warning(stages: list[str], model: str) -> str:
+    """The one line the plan and the start banner print for :func:`demo_budgets`."""
+    return (f"CPU demo budget on hub model {model}: {', '.join(stages)} (conf/stage/*.yaml, minutes on 2 CPU "
+            "cores); for the paper's budgets use grid=paper_<family>, or set strategy.<stage>.trainer.max_steps=-1 "
+            "and num_train_epochs")
+
+
 def _provisional_identity(model_cfg: Any, which: str = "model") -> dict:
     """Identity of weights that are not here: the same fields as model_identity, weights unknown."""
     if which == "partner":
@@ -356,6 +389,7 @@ def make_plan(cell: Any) -> dict:
                     "partner": str(partner_path) if partner_path else None, "missing": missing},
         "keys_provisional": provisional, "start_key": start_key,
         "cannot_run": missing_weights(cfg) if provisional else [],
+        "demo_budget": demo_budgets(cfg),
         "rows": {k: len(v) for k, v in rows.items()},
         "stages": stages, "merges": merges, "evals": [e for e in evals if e],
         "mergekit_config": "valid" if mergekit_ok else None,
@@ -438,6 +472,8 @@ def format_cell(plan: dict) -> str:
              + (f"; partner {plan['weights']['partner']}" if plan['weights']['partner'] not in (None, plan['weights']['start']) else "")]
     for m in plan["weights"]["missing"]:
         lines.append(f"  ! {m} (keys are provisional, cache status unknown)")
+    if plan.get("demo_budget"):
+        lines.append(f"  ! {demo_budget_warning(plan['demo_budget'], plan['model'])}")
     head = f"  {'artefact':<22} {'key':<16} {'cached':>6} {'steps':>7} {'batch':>5} {'tokens':>12} {'k':>2} {'GPU-h':>9}"
     lines += [head, "  " + "-" * (len(head) - 2)]
     for s in plan["stages"]:
@@ -529,6 +565,10 @@ def format_grid(summary: dict, plans: list[dict], where: str = "") -> str:
             f"  {FORMULA}"]
     for cell, err in summary["errors"].items():
         out.append(f"! error in cell {cell}: {err}")
+    demo = [p["cell"] for p in plans if p.get("demo_budget")]
+    if demo:
+        out.append(f"! {len(demo)} cell(s) train a hub model with the CPU demo budgets of conf/stage/*.yaml "
+                   "(see each cell's plan above; grid=paper_<family> carries the paper's budgets)")
     if summary["provisional_cells"]:
         out.append(f"! {summary['provisional_cells']} cell(s) have no weights on this machine: their keys are "
                    "provisional and their cache status unknown ('?')")

@@ -94,6 +94,35 @@ def find_summaries(sweep: str | os.PathLike) -> list[Path]:
     return sorted(found)
 
 
+def find_sweeps(runs: str | os.PathLike) -> list[Path]:
+    """The sweep folders directly under ``runs`` that hold a ``summary.json``, sorted by name.
+
+    Folders whose name starts with ``_`` or ``.`` are not sweeps (``_stages`` is the stage cache
+    shared by every sweep, ``.plan`` a dry run's plans) and are skipped, as are folders without any
+    finished cell. ``notebooks/compare_sweeps.ipynb`` compares the first two when it is not told which.
+    """
+    root = Path(runs)
+    if not root.is_dir():
+        return []
+    return [p for p in sorted(root.iterdir())
+            if p.is_dir() and not p.name.startswith(("_", ".")) and find_summaries(p)]
+
+
+def _point_labels(s: pd.DataFrame) -> list[tuple[float, float, str]]:
+    """``(x, y, text)`` per distinct point of a synergy panel: the merged artefacts' short names
+    (strategy, and the start when both occur), joined when several land on the same spot."""
+    both_starts = s["start"].nunique() > 1 if "start" in s else False
+    spots: dict[tuple, list[str]] = {}
+    for _, r in s.iterrows():
+        name = str(r.get("strategy") or r.get("merged") or "?")
+        if both_starts and r.get("start"):
+            name += f" ({r['start']})"
+        key = (round(float(r["expected"]), 6), round(float(r["merged_score"]), 6))
+        if name not in spots.setdefault(key, []):
+            spots[key].append(name)
+    return [(x, y, ", ".join(names)) for (x, y), names in sorted(spots.items())]
+
+
 def skipped_cells(sweep: str | os.PathLike) -> list[dict]:
     """Cell folders under ``sweep`` without a ``summary.json``, which :func:`load_sweep` leaves out.
 
@@ -657,7 +686,8 @@ def plot_relative(df: pd.DataFrame, metric: str):
 def plot_synergy(syn: pd.DataFrame, metrics: Sequence[str] | None = None):
     """The paper's synergy plot: merged model's actual score vs the expected score (parents'
     mean), one panel per metric, with the y = x line (above it: synergy; for perplexity below
-    it is better). Colour = family, marker = sweep. Returns the Figure."""
+    it is better). Colour = family, marker = sweep; each point is labelled with its strategy
+    (:func:`_point_labels`). Returns the Figure."""
     plt = _plt()
     metrics = list(metrics or sorted(syn["metric"].unique())) if not syn.empty else []
     n = max(len(metrics), 1)
@@ -676,6 +706,8 @@ def plot_synergy(syn: pd.DataFrame, metrics: Sequence[str] | None = None):
                 lab = fam if len(sweeps) == 1 else f"{fam} · {sw}"
                 ax.scatter(s["expected"], s["merged_score"], color=cmap(fi % 10),
                            marker=markers[si % len(markers)], label=lab, s=28, alpha=0.85)
+        for x, y, text in _point_labels(sub):  # which merge each point is; coincident points share one label
+            ax.annotate(text, (x, y), xytext=(4, 3), textcoords="offset points", fontsize=5.5, alpha=0.9)
         lo = min(sub["expected"].min(), sub["merged_score"].min())
         hi = max(sub["expected"].max(), sub["merged_score"].max())
         pad = 0.05 * (hi - lo or 1)

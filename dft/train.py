@@ -146,8 +146,7 @@ class WeightsCheck(_Callback):  # type: ignore[misc,valid-type]
 
 register_configs()
 register_resolvers()
-# bitsandbytes warns on every import on CPU that an optional kernel package is missing
-logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+# (bitsandbytes' warning about its optional CPU kernel is silenced in dft/__init__.py)
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")

@@ -33,8 +33,10 @@ import pytest
 from conftest import CACHE, ROOT, compose
 
 DOCS = ("README.md", "launch/README.md", "bench/README.md")
+NOTEBOOKS = ("notebooks/explore_sweep.ipynb", "notebooks/compare_sweeps.ipynb")
 PROGRAMS = ("python", ".venv/bin/python", ".venv/bin/pip", "./bootstrap.sh", "sudo", "launch/", "wandb", "squeue",
-            "sacct", "scancel", "nohup", "tmux", "du", "apt-get", "/usr/bin/time", "rm", "bash", "srun", "sbatch")
+            "sacct", "scancel", "nohup", "tmux", "du", "apt-get", "/usr/bin/time", "rm", "bash", "srun", "sbatch",
+            ".venv/bin/jupyter", "papermill")
 ENV = re.compile(r"^(?:[A-Z_][A-Z0-9_]*=\S+\s+)+")
 #: tools that are not dft's: the docs name them, the test does not run them
 EXTERNAL = ("squeue", "sacct", "scancel", "sbatch", "srun", "du", "apt-get", "rm", ".venv/bin/pip", "wandb",
@@ -53,9 +55,17 @@ def _is_command(text: str) -> bool:
 
 
 def doc_commands(rel: str) -> list[str]:
-    """Commands of one Markdown file: fenced-block lines (``\\`` continuations joined), inline code."""
+    """Commands of one Markdown file (or a notebook's Markdown cells): fenced-block lines (``\\``
+    continuations joined), inline code."""
     out, prose, fenced, buf = [], [], False, ""
-    for line in (ROOT / rel).read_text().splitlines():
+    if rel.endswith(".ipynb"):
+        import json
+
+        cells = json.loads((ROOT / rel).read_text())["cells"]
+        text = "\n\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+    else:
+        text = (ROOT / rel).read_text()
+    for line in text.splitlines():
         if line.startswith("```"):
             fenced = not fenced
             continue
@@ -93,7 +103,7 @@ def conf_commands() -> list[tuple[str, str]]:
 
 
 def all_commands() -> list[tuple[str, str]]:
-    return [(d, c) for d in DOCS for c in doc_commands(d)] + conf_commands()
+    return [(d, c) for d in DOCS + NOTEBOOKS for c in doc_commands(d)] + conf_commands()
 
 
 def words_of(command: str) -> list[str]:
@@ -206,6 +216,10 @@ def classify(words: list[str]) -> str:
         return "pytest"
     if w[:1] == ["python"] and w[1:2] and w[1].startswith("bench/"):
         return "bench"
+    if w[:2] == [".venv/bin/jupyter", "execute"]:
+        return "notebook"
+    if w[0] == "papermill":
+        return "external"  # an alternative the notebooks name; dft does not install it
     if w[:3] == ["python", "-m", "submitit.core._submit"]:
         return "external"  # what each SLURM job runs, written by submitit
     if w[0].startswith(("launch/", "./")) or w[0] == "bash":
@@ -366,3 +380,14 @@ def test_repository_scripts_exist_and_parse():
             text = path.read_text()
             for sub in w[1].split("|"):
                 assert re.search(rf"^\s*{re.escape(sub)}\)|[|(]\s*{re.escape(sub)}\s*[|)]", text, re.M), (f, sub)
+
+
+def test_notebook_commands_use_what_the_test_extra_installs():
+    """``jupyter execute`` comes with nbclient (the test extra); the notebook named must exist
+    (tests/test_notebooks.py executes each one on a fixture sweep)."""
+    cmds = _commands_of("notebook")
+    assert len(cmds) >= 2
+    exe = Path(sys.executable).parent / "jupyter-execute"
+    assert exe.exists(), f"{exe} missing: nbclient provides it"
+    for f, w in cmds:
+        assert (ROOT / w[2]).is_file(), (f, w)

@@ -166,3 +166,13 @@ def test_killed_cell_of_a_submitit_sweep_ends_in_one_line_naming_it(tmp_path):
     assert "strategy.sft.trainer.max_steps=100000" in last, last
     assert "failed (job " in last and "_log.err" in last, last
     assert "Traceback (most recent call last)" not in err, err[-3000:]
+
+
+def test_bitsandbytes_optional_kernel_warning_is_silenced():
+    """Importing dft before bitsandbytes (as every dft entry point and bootstrap.sh's check do) keeps
+    bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" line off stderr."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    p = subprocess.run([sys.executable, "-c", "import dft, peft, bitsandbytes.functional"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "gemm_4bit_forward" not in p.stderr and "publisher trust" not in p.stderr, p.stderr[-2000:]

@@ -99,3 +99,36 @@ def test_report_lists_the_cells_it_skipped_and_why(tmp_path):
     text = build_report([sweep], tmp_path / "out", progress=False).read_text()
     assert "**3 cell folder(s) without `summary.json` are not in this report:**" in text
     assert "| grid | `broken` | failed: ValueError: Invalid learning rate: -1 |" in text
+
+
+def test_find_sweeps_skips_the_stage_cache_and_plans(tmp_path):
+    """What compare_sweeps.ipynb compares when not told: ``_stages`` sorts first but is no sweep."""
+    from dft import analysis
+
+    sb = _sweep_builder()
+    b, a = sb.write_sweep(tmp_path, "b_grid"), sb.write_sweep(tmp_path, "a_grid")
+    (tmp_path / "_stages" / "x").mkdir(parents=True)
+    (tmp_path / "_stages" / "x" / "summary.json").write_text("{}")
+    (tmp_path / ".plan").mkdir()
+    (tmp_path / "empty_sweep" / "cell" / ".hydra").mkdir(parents=True)
+    assert analysis.find_sweeps(tmp_path) == [a, b]
+    nb = (ROOT / "notebooks" / "compare_sweeps.ipynb").read_text()
+    assert "A.find_sweeps(" in nb and '(dft.ROOT / \\"runs\\").glob' not in nb
+
+
+def test_synergy_points_are_labelled_and_coincident_ones_share_a_label():
+    import pandas as pd
+
+    from dft import analysis
+
+    syn = pd.DataFrame([
+        {"sweep": "g", "family": "llama", "start": "base", "strategy": "cpt_sft", "metric": "mascqa/acc",
+         "expected": 0.40, "merged_score": 0.45},
+        {"sweep": "g", "family": "llama", "start": "base", "strategy": "cpt_sft_dpo", "metric": "mascqa/acc",
+         "expected": 0.40, "merged_score": 0.45},
+        {"sweep": "g", "family": "llama", "start": "instruct", "strategy": "cpt", "metric": "mascqa/acc",
+         "expected": 0.30, "merged_score": 0.25},
+    ])
+    fig = analysis.plot_synergy(syn)
+    texts = sorted(t.get_text() for t in fig.axes[0].texts)
+    assert texts == ["cpt (instruct)", "cpt_sft (base), cpt_sft_dpo (base)"]

@@ -132,3 +132,20 @@ def test_synergy_points_are_labelled_and_coincident_ones_share_a_label():
     fig = analysis.plot_synergy(syn)
     texts = sorted(t.get_text() for t in fig.axes[0].texts)
     assert texts == ["cpt (instruct)", "cpt_sft (base), cpt_sft_dpo (base)"]
+
+
+def test_resubmitting_a_finished_sweep_submits_nothing(tmp_path):
+    """launcher=submitit_local goes through the same submission code as SLURM: cells whose
+    summary.json says finished are not queued (their jobs would only print "already finished")."""
+    cells = ["data=tiny,eval=none,merge=none,model=tiny,seed=1,strategy=sft",
+             "data=tiny,eval=none,merge=none,model=tiny,seed=2,strategy=sft"]
+    for c in cells:
+        (tmp_path / "fin" / c).mkdir(parents=True)
+        (tmp_path / "fin" / c / "summary.json").write_text(json.dumps({"status": "finished"}))
+    p = _train(["-m", *TINY, "strategy=sft", "seed=1,2", "launcher=submitit_local", "experiment=fin"], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    log = p.stdout + p.stderr
+    for c in cells:
+        assert f"/fin/{c}/summary.json): not submitted (force=true recomputes it)" in log, log[-3000:]
+    assert "every cell of this sweep has finished; nothing submitted" in log
+    assert not (tmp_path / "fin" / ".submitit").exists() or not any((tmp_path / "fin" / ".submitit").iterdir())

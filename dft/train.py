@@ -2,8 +2,14 @@
 
 Hydra composes ``conf/train.yaml`` against the typed schema of :mod:`dft.config`; the run
 directory is ``<paths.runs>/<experiment>/<override_dirname>`` so the same overrides always give
-the same directory (and a rerun resumes or skips finished work). Errors in the input give one
-line naming the key, file or row, and exit status 2.
+the same directory (and a rerun resumes or skips finished work). A multirun without
+``experiment=`` gets its own folder named after its overrides (:class:`SweepFolder`), and every
+cell's weights are looked up before any starts (:class:`WeightsCheck`).
+
+:func:`cli` is the command line: ``-m`` may stand anywhere, and every failure ends in one line on
+stderr (a typo in a group option lists the choices, an unknown key the valid keys, a failed cell
+its name and log) with exit status 2, Ctrl-C with 130 (:func:`describe_error`,
+:func:`interrupted_message`). ``HYDRA_FULL_ERROR=1`` keeps Hydra's tracebacks.
 """
 
 from __future__ import annotations

@@ -315,7 +315,9 @@ def test_report_commands_name_their_grids_sweep(tmp_path):
     p = subprocess.run([sys.executable, *cmd[1:]], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)),
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert (tmp_path / "runs" / "paper_demo" / "report.md").exists() or "report" in p.stdout.lower()
+    report = tmp_path / "runs" / "paper_demo" / "report" / "report.md"
+    assert p.stdout.strip().splitlines()[-1] == "runs/paper_demo/report/report.md" and report.is_file(), p.stdout
+    assert report.read_text().startswith("# dft sweep report")
 
 
 def _commands_of(kind: str) -> list[tuple[str, list[str]]]:

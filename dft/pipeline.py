@@ -341,7 +341,7 @@ class Cell:
         from dft.plan import missing_weights
 
         missing = missing_weights(cfg)  # start and partner at once, not the first one only
-        if missing:
+        if len(missing) > 1:  # one: resolve_model_path below says exactly what is wrong with it
             raise DftError(f"no weights on this machine for model {cfg.model.name}: {', '.join(missing)}; set model.path / "
                            "model.partner_path to local copies, or allow downloads (unset HF_HUB_OFFLINE)")
         start_path = resolve_model_path(cfg.model, cfg.paths.cache)

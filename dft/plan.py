@@ -153,6 +153,72 @@ def locate_weights(model_cfg: Any, cache_dir: str, which: str = "model") -> tupl
             return None, str(e)
 
 
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` forbids downloads (then a model missing from the cache cannot be fetched)."""
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+def missing_weights(cfg: Any) -> list[str]:
+    """The weights a cell needs that it cannot get on this machine: hub ids, or ``model.path=<dir>``.
+
+    A model is missing when its ``model.path``/``model.partner_path`` holds no model, or when it
+    is not in the local Hugging Face cache and the hub is offline (``HF_HUB_OFFLINE=1``); with
+    the hub reachable the cell downloads it when it starts, so it is not missing. The embedded
+    and ``tiny*`` models are always available (converted or built on demand). Looks up only,
+    never downloads (``python -m dft.train`` checks every cell of a sweep with it before starting
+    any; a dry run lists them and exits non-zero).
+    """
+    from dft.families import tiny_family
+
+    m = cfg.model
+    checks = [("model", m.path, m.hub_id)]
+    if cfg.merge.method != "none" and (m.partner_path or m.partner):
+        checks.append(("partner", m.partner_path, m.partner))
+    out: list[str] = []
+    for which, path, hub in checks:
+        if which == "model" and path is None and (m.embedded or tiny_family(hub) is not None):
+            continue
+        found, _ = locate_weights(m, cfg.paths.cache, which=which)
+        if found is None and (path is not None or hub_offline()):
+            where = f"{'model.path' if which == 'model' else 'model.partner_path'}={path}" if path else str(hub)
+            if where not in out:
+                out.append(where)
+    return out
+
+
+def demo_budgets(cfg: Any) -> list[str]:
+    """``["<stage> max_steps=<n>", ...]``: the stages of a hub-model cell that train with the CPU demo
+    step budget of ``conf/stage/<stage>.yaml`` (minutes on 2 CPU cores, meaningless for a 7-8B model).
+
+    A stage counts when its ``max_steps`` is still that file's value; the paper grids
+    (``conf/grid/recipe/paper.yaml``: epochs, ``max_steps: -1``) and any ``max_steps`` override do
+    not. The embedded and ``tiny*`` models are what those budgets are for. The dry-run plan and
+    the start banner print the result (issue 22: 8B cells planned 7.97e-05 GPU-hours silently).
+    """
+    import yaml
+
+    from dft import ROOT
+    from dft.families import tiny_family
+
+    if cfg.model.embedded or tiny_family(cfg.model.hub_id) is not None:
+        return []
+    out = []
+    for stage in cfg.strategy.chain:
+        f = ROOT / "conf" / "stage" / f"{stage}.yaml"
+        demo = ((yaml.safe_load(f.read_text()) or {}).get("trainer") or {}).get("max_steps") if f.exists() else None
+        steps = (cfg.strategy[stage].trainer or {}).get("max_steps")
+        if demo and demo > 0 and steps == demo:
+            out.append(f"{stage} max_steps={steps}")
+    return out
+
+
+def demo_budget_warning(stages: list[str], model: str) -> str:
+    """The one line the plan and the start banner print for :func:`demo_budgets`."""
+    return (f"CPU demo budget on hub model {model}: {', '.join(stages)} (conf/stage/*.yaml, minutes on 2 CPU "
+            "cores); for the paper's budgets use grid=paper_<family>, or set strategy.<stage>.trainer.max_steps=-1 "
+            "and num_train_epochs")
+
+
 def _provisional_identity(model_cfg: Any, which: str = "model") -> dict:
     """Identity of weights that are not here: the same fields as model_identity, weights unknown."""
     if which == "partner":
@@ -323,6 +389,8 @@ def make_plan(cell: Any) -> dict:
         "weights": {"start": str(start_path) if start_path else None,
                     "partner": str(partner_path) if partner_path else None, "missing": missing},
         "keys_provisional": provisional, "start_key": start_key,
+        "cannot_run": missing_weights(cfg) if provisional else [],
+        "demo_budget": demo_budgets(cfg),
         "rows": {k: len(v) for k, v in rows.items()},
         "stages": stages, "merges": merges, "evals": [e for e in evals if e],
         "mergekit_config": "valid" if mergekit_ok else None,
@@ -368,6 +436,9 @@ def dry_run(cell: Any) -> Path:
     path = write_plan(plan, cell.run_dir)
     print(format_cell(plan), flush=True)
     logging.getLogger("dft").info("dry run: every TRL config builds; plan written to %s", path)
+    if plan["cannot_run"] and not _in_multirun():
+        raise DftError(f"this cell cannot run on this machine: no weights for {', '.join(plan['cannot_run'])} "
+                       "(the plan above is provisional)")
     return path
 
 
@@ -402,6 +473,8 @@ def format_cell(plan: dict) -> str:
              + (f"; partner {plan['weights']['partner']}" if plan['weights']['partner'] not in (None, plan['weights']['start']) else "")]
     for m in plan["weights"]["missing"]:
         lines.append(f"  ! {m} (keys are provisional, cache status unknown)")
+    if plan.get("demo_budget"):
+        lines.append(f"  ! {demo_budget_warning(plan['demo_budget'], plan['model'])}")
     head = f"  {'artefact':<22} {'key':<16} {'cached':>6} {'steps':>7} {'batch':>5} {'tokens':>12} {'k':>2} {'GPU-h':>9}"
     lines += [head, "  " + "-" * (len(head) - 2)]
     for s in plan["stages"]:
@@ -493,6 +566,10 @@ def format_grid(summary: dict, plans: list[dict], where: str = "") -> str:
             f"  {FORMULA}"]
     for cell, err in summary["errors"].items():
         out.append(f"! error in cell {cell}: {err}")
+    demo = [p["cell"] for p in plans if p.get("demo_budget")]
+    if demo:
+        out.append(f"! {len(demo)} cell(s) train a hub model with the CPU demo budgets of conf/stage/*.yaml "
+                   "(see each cell's plan above; grid=paper_<family> carries the paper's budgets)")
     if summary["provisional_cells"]:
         out.append(f"! {summary['provisional_cells']} cell(s) have no weights on this machine: their keys are "
                    "provisional and their cache status unknown ('?')")
@@ -539,9 +616,16 @@ class PlanCallback(_Callback):  # type: ignore[misc,valid-type]
         summary = summarise(plans)
         write_json(sweep / PLAN_DIR / GRID_FILE, summary)
         print(format_grid(summary, plans, str(sweep)), flush=True)
-        if summary["errors"]:
-            print(f"error: {len(summary['errors'])} cell(s) of the grid have invalid configs (listed above)",
-                  file=sys.stderr, flush=True)
+        blocked = [p for p in plans if p.get("cannot_run")]
+        models = sorted({m for p in blocked for m in p["cannot_run"]})
+        if summary["errors"] or blocked:
+            why = []
+            if summary["errors"]:
+                why.append(f"{len(summary['errors'])} cell(s) of the grid have invalid configs (listed above)")
+            if blocked:
+                why.append(f"{len(blocked)} of {summary['cells']} cell(s) cannot run on this machine: no weights for "
+                           f"{', '.join(models)}" + (" (HF_HUB_OFFLINE=1: nothing is downloaded)" if hub_offline() else ""))
+            print("error: " + "; ".join(why), file=sys.stderr, flush=True)
             sys.exit(2)
 
 
@@ -557,7 +641,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     summary = summarise(plans)
     print(format_grid(summary, plans, ns.sweep))
-    return 2 if summary["errors"] else 0
+    blocked = sorted({m for p in plans for m in p.get("cannot_run") or []})
+    if blocked:
+        print(f"error: cells of this plan cannot run where it was made: no weights for {', '.join(blocked)}",
+              file=sys.stderr)
+    return 2 if summary["errors"] or blocked else 0
 
 
 if __name__ == "__main__":

@@ -156,6 +156,14 @@ def build_report(sweeps, out: str | os.PathLike | None = None, metrics: Sequence
             f"{', '.join(sorted(c['experiment'].dropna().unique()))} | "
             f"{', '.join(sorted(c['family'].dropna().unique()))} | {', '.join(sorted(c['model'].dropna().unique()))} |")
     add("")
+    skipped = [(name, r) for name, path in zip(names, sweeps) for r in A.skipped_cells(path)]
+    if skipped:  # folders without summary.json: not in any table below, and why
+        add(f"**{len(skipped)} cell folder(s) without `summary.json` are not in this report:**\n")
+        add("| sweep | folder | why |")
+        add("|---|---|---|")
+        for name, r in skipped:
+            add(f"| {name} | `{r['cell']}` | {r['reason'].replace('|', '/')} |")
+        add("")
     # cells without a recorded precision (eval=none, or summaries older than eval.dtype) are left out
     precisions = cells.dropna(subset=["eval_dtype"]).groupby("eval_dtype")["cell_dir"].nunique()
     if len(precisions) > 1:

@@ -1,8 +1,10 @@
 """Weights & Biases, one run per cell.
 
 ``group`` = the sweep (experiment), ``job_type`` = the strategy, ``name`` = a readable cell id,
-tags = model family, start (base/instruct), chain, merge method. The run id is derived from the
-experiment and cell, with ``resume="allow"``, so a requeued SLURM job continues the same run.
+tags = model family, start (base/instruct), chain, merge method. The run id (:func:`run_id`) is
+derived from the cell's absolute folder and its attempt, kept in the folder, with
+``resume="allow"``, so a requeued SLURM job continues the same run, ``force=true`` starts a new
+one, and cells of different run roots never share an id.
 ``mode: auto`` logs online when ``WANDB_API_KEY`` is set and offline otherwise (offline runs are
 written under the run directory; nothing waits on the network). Every cell calls
 :meth:`Tracker.finish`, or later cells of a multirun would log into this cell's run.
@@ -28,9 +30,29 @@ def resolve_mode(mode: str) -> str:
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
-def run_id(experiment: str, cell: str) -> str:
-    """Stable W&B run id of a cell (16 hex digits of sha256(experiment/cell))."""
-    return hashlib.sha256(f"{experiment}/{cell}".encode()).hexdigest()[:16]
+#: file in a cell's folder that keeps its W&B run id (and the attempt and SLURM job that made it)
+ID_FILE = "wandb_run.json"
+
+
+def run_id(run_dir: Path, force: bool = False) -> str:
+    """The W&B run id of the cell in ``run_dir``: 16 hex digits of sha256(absolute run dir, attempt).
+
+    The absolute run dir holds the run root, the experiment and the cell, so cells of two run roots
+    (or two sweeps) never share an id. The id is kept in ``<run_dir>/wandb_run.json``: a rerun or
+    a requeued SLURM job of the cell continues its run. ``force=true`` starts a new attempt (a new
+    id), except in the SLURM job that started that attempt (a requeue keeps ``SLURM_JOB_ID``).
+    """
+    from dft.runs import read_json, write_json
+
+    path = Path(run_dir) / ID_FILE
+    old = read_json(path) or {}
+    job = os.environ.get("SLURM_JOB_ID")
+    if old.get("id") and (not force or (job and old.get("slurm_job_id") == job)):
+        return old["id"]
+    attempt = int(old.get("attempt", -1)) + 1 if old.get("id") else 0
+    rid = hashlib.sha256(f"{Path(run_dir).resolve()}#{attempt}".encode()).hexdigest()[:16]
+    write_json(path, {"id": rid, "attempt": attempt, "slurm_job_id": job})
+    return rid
 
 
 class Tracker:
@@ -38,7 +60,7 @@ class Tracker:
     with ``logger.trackio.enabled`` also a local trackio run that gets the same calls."""
 
     def __init__(self, logger_cfg: Any, *, run_dir: Path, experiment: str, cell: str, name: str,
-                 job_type: str, tags: list[str], config: dict, enabled: bool = True):
+                 job_type: str, tags: list[str], config: dict, enabled: bool = True, force: bool = False):
         self.run = None
         self.trackio = None  # a dft.dashboards.trackio_logger.TrackioRun beside (or instead of) W&B
         self._curve_steps: set[str] = set()
@@ -63,7 +85,7 @@ class Tracker:
             job_type=job_type,
             name=name,
             tags=sorted(set(tags) | set(logger_cfg.tags)),
-            id=run_id(experiment, cell),
+            id=run_id(run_dir, force),
             resume="allow",
             config=config,
             dir=str(run_dir),

@@ -516,3 +516,94 @@ def test_train_accepts_a_built_domain(corpus, stub, api_key, tmp_path):
     assert summaries, proc.stderr[-2000:]
     summary = json.loads(summaries[0].read_text())
     assert summary["status"] == "finished" and summary["chain"] == ["sft"]
+
+
+# ----------------------------------------------------------------------------- issue 22: the offline path yields rows
+class _NoJsonGenerator:
+    """What the embedded 135M model does with a small budget: prose that stops at max_new_tokens, no JSON."""
+
+    kind, id = "local", "local:nojson"
+
+    def __init__(self):
+        from dft.databuild.generators import Completion
+
+        self._c = Completion
+        self.stats = {"requests": 0, "calls": 0, "cache_hits": 0, "errors": 0, "retries": 0, "seconds": 0.0}
+
+    def run(self, requests, bar=None, **kw):
+        self.stats["calls"] += len(requests)
+        return [self._c("Sure! Here are the questions about the", "length", key=f"k{i}") for i in range(len(requests))]
+
+    def close(self):
+        pass
+
+
+def _check_offline_build(report, confroot, out, name):
+    from dft.data import load_split
+    from dft.databuild.pipeline import format_report
+
+    assert report["rows"]["notes"] == 0 and report["fallback"]["chunks"] == 2  # nothing generated was usable
+    dc = data_cfg(confroot / "data" / f"{name}.yaml")
+    msgs, prefs = load_split(dc, "messages"), load_split(dc, "preference")
+    assert len(msgs) == report["rows"]["messages"] == report["fallback"]["pairs"] >= 2
+    assert len(prefs) == report["fallback"]["wrong_answers"] == len(msgs)
+    for m in msgs:
+        q, a = m["messages"][-2]["content"], m["messages"][-1]["content"]
+        assert (q.startswith("What ") or q.startswith("Complete this statement: ")) and a.endswith((".", "!", "?"))
+    for r in read_jsonl(out / name / "preference.jsonl"):
+        assert r["rejected"] != r["chosen"] and r["provenance"]["generator"] == "extractive:v1"
+    text = format_report(report)
+    assert "    qa: 2 x truncated (no complete JSON in the reply and generation stopped at max_new_tokens), e.g. " in text
+    assert (f"fallback   the generator gave no valid Q&A for 2 chunk(s): {len(msgs)} Q&A pairs were taken from the "
+            "text itself") in text
+
+
+def test_build_without_usable_replies_falls_back_says_why_and_its_yaml_trains_as_suggested(corpus, tmp_path,
+                                                                                          monkeypatch):
+    """Every reply rejected (as the embedded model's are): the printed report says which and why, the
+    extractive fallback takes Q&A and wrong answers from the text itself (said plainly), and
+    ``python -m dft.train data=<name>``, the command the build suggests, runs with the default strategy
+    and eval (eval.benchmarks follows data.eval, which is empty for a new domain)."""
+    from dft.databuild import build
+    from dft.databuild import pipeline as P
+
+    monkeypatch.setattr(P, "make_generator", lambda *a, **k: _NoJsonGenerator())
+    confroot = tmp_path / "confroot"
+    ov = base_overrides(corpus, tmp_path, "silk_offline", tmp_path / "cache", data_conf_dir=confroot / "data",
+                        **{"max_chunks": 2, "heldout_fraction": 0.2})
+    _check_offline_build(build(compose(ov)), confroot, tmp_path / "out", "silk_offline")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.run(
+        [PY, "-m", "dft.train", "data=silk_offline", "model=tiny", "merge=none", "logger=none",
+         "strategy.cpt.trainer.max_steps=1", "strategy.sft.trainer.max_steps=1", "strategy.dpo.trainer.max_steps=1",
+         f"paths.runs={tmp_path / 'runs'}", f"hydra.searchpath=[file://{confroot}]"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(next((tmp_path / "runs").rglob("summary.json")).read_text())
+    assert summary["chain"] == ["cpt", "sft", "dpo"] and summary["status"] == "finished"
+    assert sorted(summary["artefacts"][0]["metrics"]) == ["ppl"]  # no benchmarks in data.eval: perplexity only
+
+
+@pytest.mark.slow
+def test_embedded_build_yields_usable_rows(corpus, tmp_path):
+    """The same with the real embedded model (6 new tokens: no JSON fits). 96 s on a loaded 2-core machine."""
+    from dft.databuild import build
+
+    confroot = tmp_path / "confroot"
+    ov = base_overrides(corpus, tmp_path, "silk_offline", tmp_path / "cache", data_conf_dir=confroot / "data",
+                        **{"generator.max_new_tokens": 6, "max_chunks": 2, "heldout_fraction": 0.2})
+    _check_offline_build(build(compose(ov)), confroot, tmp_path / "out", "silk_offline")
+
+
+def test_extract_pairs_definitions_then_completions():
+    from dft.databuild.extractive import extract_pairs, wrong_answer
+
+    text = ("Fibroin is a structural protein that forms the core of silk fibres spun by silkworms. "
+            "The fibres were annealed at 120 degrees for two hours before testing their modulus. Short one.")
+    assert extract_pairs(text, 3) == [
+        {"question": "What is fibroin?",
+         "answer": "Fibroin is a structural protein that forms the core of silk fibres spun by silkworms."},
+        {"question": 'Complete this statement: "The fibres were annealed at 120 degrees ..."',
+         "answer": "The fibres were annealed at 120 degrees for two hours before testing their modulus."}]
+    assert wrong_answer("a.", ["a.", "b."]) == "b." and wrong_answer("a.", ["a."]) is None

@@ -44,6 +44,11 @@ class GeneratorConfig:
     backoff_s: float = 1.0  #: openai: first wait; doubles per retry (``Retry-After`` wins when given)
     backoff_max_s: float = 60.0
     extra: Dict[str, Any] = field(default_factory=dict)  #: openai: extra request-body fields (top_p, seed ...)
+    #: ``extractive``: for a chunk whose replies give no valid Q&A pair, take pairs from the text itself
+    #: (definitions "X is ...", else sentence completions), and for a pair without a valid wrong answer use
+    #: another question's answer as the rejected one (dft.databuild.extractive; rows say so in provenance);
+    #: ``none``: only what the generator wrote
+    fallback: str = "none"
 
 
 @dataclass
@@ -139,6 +144,7 @@ def validate(cfg: Any) -> None:
 
     choice("generator.kind", cfg.generator.kind, GENERATOR_KINDS)
     choice("generator.device", cfg.generator.device, ("auto", "cpu", "cuda"))
+    choice("generator.fallback", cfg.generator.fallback, ("none", "extractive"))
     for i, f in enumerate(cfg.formats):
         choice(f"formats[{i}]", f, FORMATS)
     for i, t in enumerate(cfg.text_include):

@@ -92,6 +92,8 @@ class Build:
         self.reject_counts: Counter = Counter()
         self.reject_by_task: dict[str, Counter] = {}
         self.report: dict[str, Any] = {}
+        #: generator.fallback=extractive: chunks it served, pairs and wrong answers it made
+        self.fallback: Counter = Counter()
 
     # ------------------------------------------------------------------ bookkeeping
     def reject(self, stage: str, task: str, reason: str, detail: str = "", *, source: str = "", chunk_id: str = "",
@@ -228,6 +230,9 @@ class Build:
             "rows": rows_count,
             "rejects": dict(sorted(self.reject_counts.items())),
             "rejects_by_task": {t: dict(sorted(c.items())) for t, c in sorted(self.reject_by_task.items())},
+            "fallback": {"kind": cfg.generator.fallback, "chunks": self.fallback["chunks"],
+                         "pairs": self.fallback["pairs"], "wrong_answers": self.fallback["wrong_answers"]},
+            "reject_examples": self._examples(),
             "eval_guard": {"benchmark_questions": guard.n_benchmark_questions, "benchmarks": guard.sources,
                            "eval_documents": len(eval_docs),
                            "removed": {"chunks": n_overlap, "rows": sum(c.get("eval_overlap", 0)
@@ -236,6 +241,16 @@ class Build:
         }
         _write_text(self.out_dir / "build_report.json", json.dumps(self.report, indent=2, ensure_ascii=False) + "\n")
         return self.report
+
+    def _examples(self) -> dict[str, str]:
+        """``{"<task>/<reason>": the first rejected reply (or item), shortened}``, for the printed report."""
+        out: dict[str, str] = {}
+        for r in self.rejects:
+            key = f"{r['task']}/{r['reason']}"
+            if key not in out:
+                what = r.get("output") if r.get("output") is not None else (r.get("detail") or r.get("item") or "")
+                out[key] = " ".join(str(what).split())[:100]
+        return out
 
     # ------------------------------------------------------------------ generation
     def _distil(self, gen, chunks: list[Chunk], guard: EvalGuard, seen_q: set, notes: list, bar) -> list:
@@ -278,6 +293,25 @@ class Build:
                 rid = f"{c.chunk_id}:summary" if task == "summary" else f"{c.chunk_id}:fact{j}"
                 notes.append({"id": rid, "text": item, "kind": task,
                               "provenance": self._prov(c, task=task, **prov_gen, cache_key=reply.key)})
+        if self.cfg.generator.fallback == "extractive":
+            from dft.databuild.extractive import extract_pairs
+
+            served = {c.chunk_id for c, _, _ in pairs}
+            for c in chunks:
+                if c.chunk_id in served:
+                    continue
+                made = 0
+                for j, item in enumerate(extract_pairs(c.text, p.n_questions)):
+                    nq = normalise_for_hash(item["question"])
+                    if guard.active and guard.question_overlap(item["question"], item["answer"]):
+                        continue
+                    if nq in seen_q:
+                        continue
+                    seen_q.add(nq)
+                    pairs.append((c, f"x{j}", {**item, "extractive": True}))
+                    made += 1
+                self.fallback["chunks"] += 1
+                self.fallback["pairs"] += made
         return pairs
 
     def _wrong_answers(self, gen, pairs: list, guard: EvalGuard, messages: list, preference: list, bar) -> None:
@@ -290,19 +324,36 @@ class Build:
         bar.total += len(requests)
         bar.refresh()
         replies = gen.run(requests, bar=bar)
-        for (c, j, it), reply in zip(pairs, replies):
+        from dft.databuild.extractive import ID as EXTRACTIVE, wrong_answer
+
+        answers = [it["answer"] for _, _, it in pairs]
+        extractive = self.cfg.generator.fallback == "extractive"
+        for i, ((c, j, it), reply) in enumerate(zip(pairs, replies)):
             rid = f"{c.chunk_id}:qa{j}"
             turns = ([{"role": "system", "content": p.sft_system}] if p.sft_system else []) + [
                 {"role": "user", "content": it["question"]}, {"role": "assistant", "content": it["answer"]}]
-            messages.append({"id": rid, "messages": turns, "provenance": self._prov(c, task="qa", **prov_gen)})
+            qa_gen = {**prov_gen, "generator": EXTRACTIVE} if it.get("extractive") else prov_gen
+            messages.append({"id": rid, "messages": turns, "provenance": self._prov(c, task="qa", **qa_gen)})
             kw = dict(source=c.source, chunk_id=c.chunk_id, generator=gen.id)
+            parsed = None
             if reply.error:
                 self.reject("generate", "wrong_answer", "generator_error", reply.error, item=it, **kw)
+            else:
+                parsed = V.parse_wrong_answer(reply, it["question"], it["answer"])
+                for r in parsed.rejects:
+                    self.reject("generate", "wrong_answer", r.reason, r.detail, item={**it, "wrong_answer": r.item},
+                                output=reply.text, **kw)
+            if (parsed is None or not parsed.items) and extractive:
+                # another question's answer: on topic, fluent, and wrong for this question
+                wrong = wrong_answer(it["answer"], answers[i + 1:] + answers[:i])
+                if wrong is not None and not (guard.active and guard.overlap(wrong)):
+                    self.fallback["wrong_answers"] += 1
+                    preference.append({"id": rid, "prompt": it["question"], "chosen": it["answer"], "rejected": wrong,
+                                       "provenance": self._prov(c, task="wrong_answer",
+                                                                **{**prov_gen, "generator": EXTRACTIVE})})
                 continue
-            parsed = V.parse_wrong_answer(reply, it["question"], it["answer"])
-            for r in parsed.rejects:
-                self.reject("generate", "wrong_answer", r.reason, r.detail, item={**it, "wrong_answer": r.item},
-                            output=reply.text, **kw)
+            if parsed is None:
+                continue
             if parsed.items:
                 wrong = parsed.items[0]
                 hit = guard.overlap(wrong) if guard.active else None
@@ -333,7 +384,8 @@ class Build:
             f"# source: {self.source}\n"
             f"# generator: {gen_id}, prompts {self.cfg.prompts.version}; tokenizer: {tok_desc}\n"
             f"# report: {_config_path(self.out_dir / 'build_report.json')}. A split without rows is null.\n"
-            "# Add MCQ benchmarks under eval: {<name>: <file>} to evaluate on this domain.\n"
+            "# eval: {<benchmark>: <MCQ file>} lists this domain's benchmarks; eval=quick/full score all of them\n"
+            "# (eval.benchmarks defaults to these keys), so with none the cells report held-out perplexity only.\n"
         )
         self.conf_dir.mkdir(parents=True, exist_ok=True)
         f = self._conf_file()
@@ -364,6 +416,17 @@ def format_report(r: dict) -> str:
         f"{g['retries']} retries, {g['seconds']} s",
         "  rejects    " + (", ".join(f"{k} {v}" for k, v in r["rejects"].items()) or "none")
         + f"  (details: {Path(r['out']) / 'rejects.jsonl'})",
+    ]
+    for task, counts in r.get("rejects_by_task", {}).items():  # what was rejected and why, with an example
+        for reason, n in counts.items():
+            ex = r.get("reject_examples", {}).get(f"{task}/{reason}")
+            lines.append(f"    {task}: {n} x {reason} ({V.REASONS.get(reason, reason)})" + (f", e.g. {ex!r}" if ex else ""))
+    fb = r.get("fallback") or {}
+    if fb.get("chunks") or fb.get("wrong_answers"):
+        lines.append(f"  fallback   the generator gave no valid Q&A for {fb['chunks']} chunk(s): {fb['pairs']} Q&A pairs "
+                     f"were taken from the text itself (definitions, sentence completions) and {fb['wrong_answers']} "
+                     "wrong answers are other questions' answers (generator.fallback=none keeps only generated rows)")
+    lines += [
         f"  eval guard {r['eval_guard']['benchmark_questions']} benchmark questions, "
         f"{r['eval_guard']['eval_documents']} eval documents; removed {r['eval_guard']['removed']}",
         f"  config     {r['data_config']}  ->  python -m dft.train data={r['name']}",

@@ -44,6 +44,16 @@ ALPHA = 0.05
 N_RESAMPLES = 10_000
 #: the bootstrap's random seed: the same inputs give the same interval on every run
 SEED = 0
+#: key suffixes of a metric's uncertainty in eval records, ``summary.json`` metrics and W&B
+#: (``mascqa/acc`` -> ``mascqa/acc_stderr``, ``mascqa/acc_ci_low``, ``mascqa/acc_ci_high``)
+UNCERTAINTY_SUFFIXES = ("_stderr", "_ci_low", "_ci_high")
+
+
+def is_uncertainty_key(key: str) -> bool:
+    """Whether a metric key is a point estimate's companion (its stderr, interval bound or ``n``)."""
+    return key.endswith(UNCERTAINTY_SUFFIXES) or key.split("/")[-1] == "n"
+
+
 #: the discordance rate (fraction of items two recipes answer differently, one right and one
 #: wrong) assumed by :func:`min_detectable_difference` when none is measured
 DEFAULT_DISCORDANCE = 0.3
@@ -155,12 +165,19 @@ def _bootstrap(n_units: int, stat: Callable[[np.ndarray], np.ndarray], n_out: in
             "distribution": np.atleast_2d(res.bootstrap_distribution)}
 
 
-def _contrast_matrix(contrasts: Sequence[dict[int, float]], k: int) -> np.ndarray:
-    w = np.zeros((k, len(contrasts)))
-    for j, c in enumerate(contrasts):
-        for i, v in c.items():
-            w[i, j] += v
-    return w
+def _contrast_matrix(contrasts: Sequence[dict[int, float]], k: int):
+    """``[K, C]`` sparse weights (a contrast touches two or three artefacts of thousands)."""
+    from scipy.sparse import csr_matrix
+
+    rows = [i for c in contrasts for i in c]
+    cols = [j for j, c in enumerate(contrasts) for _ in c]
+    vals = [float(v) for c in contrasts for v in c.values()]
+    return csr_matrix((vals, (rows, cols)), shape=(k, len(contrasts)))
+
+
+def _apply(w, per_artefact: np.ndarray) -> np.ndarray:
+    """``[C, b]`` contrasts of ``[b, K]`` per-artefact statistics."""
+    return np.asarray(w.T @ per_artefact.T)
 
 
 def bootstrap_contrasts(values: np.ndarray, contrasts: Sequence[dict[int, float]], *,
@@ -186,8 +203,16 @@ def bootstrap_contrasts(values: np.ndarray, contrasts: Sequence[dict[int, float]
         raise DftError(f"values must be [n_items, n_artefacts], got shape {x.shape}")
     n, k = x.shape
     w = _contrast_matrix(contrasts, k)
-    out = _bootstrap(n, lambda c: ((c @ x) / n @ w).T, w.shape[1], n_resamples=n_resamples, seed=seed,
-                     confidence=1 - alpha, batch=batch)
+    # 0/1 outcomes and resample counts are small integers: their float32 product is exact
+    # (sums below 2**24) and twice as fast as float64
+    small_ints = bool(np.all(x == np.round(x))) and n * float(np.abs(x).max(initial=0)) < 2 ** 24
+    xm = x.astype(np.float32) if small_ints else x
+
+    def stat(c):
+        sums = (c.astype(xm.dtype) @ xm).astype(np.float64)
+        return _apply(w, sums / n)
+
+    out = _bootstrap(n, stat, w.shape[1], n_resamples=n_resamples, seed=seed, confidence=1 - alpha, batch=batch)
     out["p"] = bootstrap_p(out["distribution"])
     return out
 
@@ -224,8 +249,8 @@ def bootstrap_perplexity(nll: np.ndarray, tokens: np.ndarray, contrasts: Sequenc
     t = np.asarray(tokens, dtype=np.float64)
     t = np.broadcast_to(t[:, None] if t.ndim == 1 else t, s.shape)
     k = s.shape[1]
-    w = _contrast_matrix(contrasts, k) if contrasts is not None else np.eye(k)
-    out = _bootstrap(s.shape[0], lambda c: (np.exp((c @ s) / (c @ t)) @ w).T, w.shape[1],
+    w = _contrast_matrix(contrasts if contrasts is not None else [{i: 1.0} for i in range(k)], k)
+    out = _bootstrap(s.shape[0], lambda c: _apply(w, np.exp((c @ s) / (c @ t))), w.shape[1],
                      n_resamples=n_resamples, seed=seed, confidence=1 - alpha, batch=batch)
     out["p"] = bootstrap_p(out["distribution"])
     return out

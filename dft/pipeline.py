@@ -123,7 +123,9 @@ class Cell:
             require_split(cfg.data, split, stage)
             if split not in rows:
                 rows[split] = load_split(cfg.data, split)
-        self.benchmarks = {b: load_benchmark(cfg.data, b)[: cfg.eval.max_items or None] for b in cfg.eval.benchmarks}
+        full = {b: load_benchmark(cfg.data, b) for b in cfg.eval.benchmarks}
+        self.benchmark_sizes = {b: len(v) for b, v in full.items()}  # for the power line (eval=full sizes)
+        self.benchmarks = {b: v[: cfg.eval.max_items or None] for b, v in full.items()}
         self.heldout = None
         if cfg.eval.perplexity:
             if cfg.data.heldout_text is None:
@@ -530,6 +532,11 @@ class Cell:
                                              AutoConfig.from_pretrained(start_path)))
         except Exception as e:  # noqa: BLE001 - the estimate is informative only
             log.debug("memory estimate unavailable: %s", e)
+        from dft.plan import format_power, power_plan
+
+        pw = format_power(power_plan({b: len(v) for b, v in self.benchmarks.items()}, self.benchmark_sizes))
+        if pw:
+            lines.append("  " + pw)
         for ln in lines:
             log.info(ln)
 

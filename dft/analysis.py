@@ -871,7 +871,7 @@ def plot_comparisons(comp: pd.DataFrame, metrics: Sequence[str], top: int = 40):
         sub = comp[comp["metric"] == m].dropna(subset=["diff", "ci_low", "ci_high"])
         subs.append(sub.reindex(sub["diff"].abs().sort_values(ascending=False).index[:top]).iloc[::-1])
     fig, axes = plt.subplots(1, len(metrics), squeeze=False,
-                             figsize=(5.5 * len(metrics), max(2.5, 0.22 * max(len(x) for x in subs) + 1.2)))
+                             figsize=(7 * len(metrics), max(2.5, 0.22 * max(len(x) for x in subs) + 1.2)))
     for ax, m, sub in zip(axes[0], metrics, subs):
         if sub.empty:
             ax.set_axis_off()
@@ -885,7 +885,9 @@ def plot_comparisons(comp: pd.DataFrame, metrics: Sequence[str], top: int = 40):
         ax.scatter(d[sig], ys[sig], color="tab:blue", s=18, zorder=3, label="p_adj < 0.05")
         ax.scatter(d[~sig], ys[~sig], facecolors="white", edgecolors="tab:blue", s=18, zorder=3, label="not distinguishable")
         ax.axvline(0, color="k", lw=0.8)
-        ax.set_yticks(ys, [f"{mo}/{a} vs {b}" for mo, a, b in zip(sub["model"], sub["a"], sub["b"])], fontsize=6)
+        one_model = sub["model"].nunique() == 1
+        ax.set_yticks(ys, [f"{a} vs {b}" if one_model else f"{mo}/{a} vs {b}"
+                           for mo, a, b in zip(sub["model"], sub["a"], sub["b"])], fontsize=6)
         ax.set_xlabel(f"{m}: a − b" + (" (points)" if k == 100 else ""), fontsize=8)
         ax.set_title(m + (" (lower is better)" if not higher_is_better(m) else ""), fontsize=9)
         ax.legend(fontsize=6)

@@ -401,3 +401,38 @@ def test_report_on_a_sweep_without_evaluation(tmp_path):
     text = (tmp_path / "out" / "report.md").read_text()
     assert "_No evaluation metrics in these summaries (eval=none, or nothing finished evaluating)" in text
     assert "## Training" in text and "Note:" not in text
+
+
+def test_real_tiny_sweep_with_two_seeds(tmp_path, tiny_model):
+    """A real two-seed sweep of the tiny model: seed aggregation, comparisons and Holm in the report."""
+    from conftest import run_train
+
+    run_train(["-m", "seed=1,2", "strategy=cpt", "merge=slerp", "model=tiny", "data=tiny", "logger=none",
+               "eval.benchmarks=[mascqa]", "eval.max_items=6", "eval.max_new_tokens=2", "eval.ppl_max_tokens=300",
+               "strategy.cpt.trainer.max_steps=1", "experiment=seeds"], tmp_path)
+    sweep = tmp_path / "seeds"
+    sums = sweep_builder.read_summaries(sweep)
+    assert sorted(s["seed"] for s in sums) == [1, 2]
+    text = R.build_report(sweep, tmp_path / "out", progress=False).read_text()
+    # seeds: one row per artefact and metric, two seeds each
+    (seeds,) = R.parse_markdown_tables(_section(text, "## Seeds as replicates"))
+    assert set(seeds["seeds"]) == {"1,2"} and {"start", "cpt", "cpt+slerp"} <= set(seeds["artefact"])
+    # comparisons: cpt vs start and the merge vs both parents and their mean, per seed (distinct stages)
+    comp = A.comparisons_table(sweep)
+    assert {"stage_vs_parent", "merge_vs_parent", "merge_vs_mean_of_parents"} == set(comp["kind"])
+    assert comp["p_adj"].notna().all() and (comp["p_adj"].astype(float) >= comp["p"].astype(float) - 1e-12).all()
+    (tab,) = [t for t in R.parse_markdown_tables(_section(text, "## Paired comparisons (Holm-corrected)"))
+              if "p_adj" in t]
+    assert len(tab) == len(comp)
+    # a merge whose items equal its parent's (the 1-step tiny model barely moves) is not distinguishable
+    for s in sums:
+        cell = Path(s["run_dir"])
+        items = {a: [it["correct_ll"] for it in json.loads((cell / "eval" / a / "mascqa.json").read_text())["items"]]
+                 for a in ("cpt", "cpt+slerp")}
+        if items["cpt"] == items["cpt+slerp"]:
+            rec = next(c for c in s["comparisons"] if (c["a"], c["b"], c["metric"]) == ("cpt+slerp", "cpt", "mascqa/acc_ll"))
+            assert (rec["diff"], rec["p"], rec["n10"], rec["n01"]) == (0.0, 1.0, 0, 0)
+            assert "tiny/cpt+slerp is not distinguishable from its parents on mascqa/acc_ll: +0.0 points [0.0, 0.0] vs cpt" in text
+            break
+    else:
+        pytest.fail("no cell whose merge answered like its parent")

@@ -577,37 +577,48 @@ def seed_table(df: pd.DataFrame, metrics: Sequence[str] | None = None, n_resampl
     Cells are grouped by (sweep, experiment, the cell name without its ``seed=`` override); each
     group with two or more distinct seeds gives, per artefact and metric, ``n_seeds``, ``seeds``,
     ``mean`` over seeds, ``ci_low``/``ci_high`` = 95 % two-level bootstrap (seeds, then items;
-    :func:`dft.stats.seed_bootstrap`; items only for accuracies whose ``<benchmark>/n`` is
+    :func:`dft.stats.seed_bootstrap_many`; items only for accuracies whose ``<benchmark>/n`` is
     recorded, else seeds only: ``levels`` says which), ``seed_sd`` (between-seed spread, SD
-    over seeds) and ``item_se`` (item-sampling spread of one seed's value, binomial SE).
+    over seeds) and ``item_se`` (item-sampling spread of one seed's value, binomial SE). All
+    rows with the same number of seeds and levels share one vectorised bootstrap.
     """
-    from dft.stats import N_RESAMPLES, seed_bootstrap
+    from dft.stats import N_RESAMPLES, seed_bootstrap_many
 
     cols = ["sweep", "experiment", "model", "strategy", "merge", "group", "artefact", "metric", "n_seeds", "seeds",
             "mean", "ci_low", "ci_high", "seed_sd", "item_se", "levels"]
     if df.empty or "seed" not in df or df["seed"].isna().all():
         return pd.DataFrame(columns=cols)
-    metrics = list(metrics or metric_columns(df))
+    metrics = [m for m in (metrics or metric_columns(df)) if m in df]
     d = df[df["status"].eq("finished") | df["status"].isna()].copy()
     d["group"] = d["cell"].astype(str).map(lambda c: _SEED_RE.sub("", c).strip(",") or "default")
-    rows = []
+    pending: dict[tuple, list] = {}  # (n_seeds, items) -> [(row identity, values, n)]
     for (sw, ex, grp, art), g in d.groupby(["sweep", "experiment", "group", "artefact"], sort=True, dropna=False):
-        g = g.drop_duplicates("seed")
+        g = g.drop_duplicates("seed").sort_values("seed")
         if g["seed"].nunique() < 2:
             continue
+        ident = {"sweep": sw, "experiment": ex, "model": g["model"].iloc[0], "strategy": g["strategy"].iloc[0],
+                 "merge": g["merge"].iloc[0], "group": grp, "artefact": art,
+                 "seeds": ",".join(str(int(x)) for x in g["seed"])}
         for m in metrics:
-            if m not in g or g[m].isna().any():
+            vals = g[m].to_numpy(dtype=float)
+            if np.isnan(vals).any():
                 continue
             ncol = f"{m.rsplit('/', 1)[0]}/n" if "/" in m else None
             items = bool(ncol and ncol in g and g[ncol].notna().all() and m.split("/")[-1] in ("acc", "acc_ll"))
-            r = seed_bootstrap(g[m].to_numpy(float), g[ncol].to_numpy(int) if items else 1,
-                               items=items, n_resamples=n_resamples or N_RESAMPLES)
-            rows.append({"sweep": sw, "experiment": ex, "model": g["model"].iloc[0], "strategy": g["strategy"].iloc[0],
-                         "merge": g["merge"].iloc[0], "group": grp, "artefact": art, "metric": m,
-                         "n_seeds": r["n_seeds"], "seeds": ",".join(str(int(x)) for x in sorted(g["seed"])),
-                         "mean": r["mean"], "ci_low": r["ci_low"], "ci_high": r["ci_high"], "seed_sd": r["seed_sd"],
-                         "item_se": r["item_se"], "levels": "seeds, items" if items else "seeds"})
-    return pd.DataFrame(rows, columns=cols)
+            pending.setdefault((len(vals), items), []).append(
+                ({**ident, "metric": m}, vals, g[ncol].to_numpy(dtype=np.int64) if items else None))
+    rows = []
+    for (S, items), batch in pending.items():
+        r = seed_bootstrap_many(np.stack([b[1] for b in batch]), np.stack([b[2] for b in batch]) if items else None,
+                                n_resamples=n_resamples or N_RESAMPLES)
+        for i, (ident, _, _) in enumerate(batch):
+            rows.append({**ident, "n_seeds": S, "mean": float(r["mean"][i]), "ci_low": float(r["ci_low"][i]),
+                         "ci_high": float(r["ci_high"][i]),
+                         "seed_sd": None if np.isnan(r["seed_sd"][i]) else float(r["seed_sd"][i]),
+                         "item_se": None if np.isnan(r["item_se"][i]) else float(r["item_se"][i]),
+                         "levels": "seeds, items" if items else "seeds"})
+    out = pd.DataFrame(rows, columns=cols)
+    return out.sort_values(["sweep", "experiment", "group", "artefact", "metric"]).reset_index(drop=True)
 
 def train_histories(obj) -> pd.DataFrame:
     """Training-loss curves from ``summary.json["train"][<artefact>]["log_history"]``.

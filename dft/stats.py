@@ -31,6 +31,7 @@ sweep's comparisons on one benchmark cost one call (bench/stats_bench.py).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Optional, Sequence
 
@@ -107,14 +108,19 @@ def mcnemar_exact(a: Sequence[bool], b: Sequence[bool]) -> dict:
     :func:`scipy.stats.binomtest` of ``n10`` in ``n10 + n01`` trials at 1/2 (1.0 when no item is
     discordant). Raises :class:`DftError` when the lengths differ.
     """
-    from scipy.stats import binomtest
-
     x, y = _outcomes(a).astype(bool), _outcomes(b).astype(bool)
     if x.shape != y.shape:
         raise DftError(f"paired outcomes differ in length: {x.size} vs {y.size} items")
     n10, n01 = int((x & ~y).sum()), int((~x & y).sum())
-    p = 1.0 if n10 + n01 == 0 else float(binomtest(n10, n10 + n01, 0.5).pvalue)
-    return {"n10": n10, "n01": n01, "p": p}
+    return {"n10": n10, "n01": n01, "p": _mcnemar_p(n10, n01)}
+
+
+@functools.lru_cache(maxsize=65536)
+def _mcnemar_p(n10: int, n01: int) -> float:
+    """The exact McNemar p of a discordant split (memoised: a sweep repeats the same splits)."""
+    from scipy.stats import binomtest
+
+    return 1.0 if n10 + n01 == 0 else float(binomtest(n10, n10 + n01, 0.5).pvalue)
 
 
 def bootstrap_p(distribution: np.ndarray) -> np.ndarray:
@@ -299,38 +305,66 @@ def min_detectable_difference(n: int, discordance: float = DEFAULT_DISCORDANCE, 
 
 
 # ------------------------------------------------------------------------------ seeds
-def seed_bootstrap(acc: Sequence[float], n: Sequence[int] | int, *, n_resamples: int = N_RESAMPLES,
-                   seed: int = SEED, alpha: float = ALPHA, items: bool = True) -> dict:
-    """Mean over training seeds of one metric, with a two-level bootstrap interval.
+def seed_bootstrap_many(values: np.ndarray, n: Optional[np.ndarray] = None, *, n_resamples: int = N_RESAMPLES,
+                        seed: int = SEED, alpha: float = ALPHA) -> dict:
+    """Mean over training seeds with a two-level bootstrap interval, for many metrics at once.
 
     Args:
-        acc: the metric per seed (an accuracy: a fraction of ``n`` items).
-        n: items per seed (one number or one per seed).
-        items: also resample items within each drawn seed (False: seeds only, e.g. for a
-            metric without item-level data).
+        values: ``[R, S]``: R metrics (rows) measured on each of S seeds (an accuracy: a
+            fraction of ``n`` items).
+        n: ``[R, S]`` items behind each value; None = resample seeds only (a metric without
+            item-level data, e.g. perplexity here).
 
-    Each resample draws ``S`` seeds with replacement, then (``items``) each drawn seed's items
-    with replacement: the number correct of ``n`` items resampled from a 0/1 vector with ``k``
-    ones is Binomial(n, k/n) exactly, so it is drawn as that (``numpy`` ``binomial``) instead of
-    as ``n`` indices. Returns ``{n_seeds, mean, ci_low, ci_high, seed_sd, item_se}``:
-    ``seed_sd`` = the standard deviation of the per-seed values (``ddof=1``; between-seed
-    spread, None for one seed), ``item_se`` = the root mean square over seeds of the binomial
-    standard error ``sqrt(p(1-p)/n)`` (item-sampling spread of one seed's value; None without
-    ``items``).
+    Each resample draws S seeds with replacement (the same draws for every row: common random
+    numbers, each row's interval is still its own bootstrap), then, with ``n``, each drawn seed's
+    items with replacement. A seed drawn ``c`` times contributes ``c`` independent item resamples;
+    the number correct of one resample of ``n`` items with ``k`` correct is Binomial(n, k/n)
+    exactly, and the sum of ``c`` of them is Binomial(c*n, k/n), which is what is drawn
+    (``numpy`` ``binomial``; Davison & Hinkley 1997, §3.8, for the two-stage scheme).
+    Returns arrays over rows: ``mean``, ``ci_low``, ``ci_high`` (percentile, ``1 - alpha``),
+    ``seed_sd`` (SD over seeds, ``ddof=1``; NaN for one seed: between-seed spread) and
+    ``item_se`` (root mean square over seeds of ``sqrt(p(1-p)/n)``: the item-sampling spread of
+    one seed's value; NaN without ``n``).
     """
-    v = _outcomes(acc)
-    S = v.size
-    if S == 0:
-        raise DftError("seed_bootstrap: no seed")
-    ns = np.broadcast_to(np.asarray(n, dtype=np.int64), v.shape)
+    v = np.asarray(values, dtype=float)
+    if v.ndim != 2 or v.shape[1] == 0:
+        raise DftError(f"seed_bootstrap: values must be [metrics, seeds], got shape {v.shape}")
+    R, S = v.shape
     rng = np.random.default_rng(seed)
-    pick = rng.integers(0, S, size=(n_resamples, S))
-    if items:
-        draws = rng.binomial(ns[pick], np.clip(v[pick], 0, 1)) / ns[pick]
+    counts = np.zeros((n_resamples, S), dtype=np.int64)  # how often each seed is drawn
+    np.add.at(counts, (np.arange(n_resamples)[:, None], rng.integers(0, S, size=(n_resamples, S))), 1)
+    if n is None:
+        means = (counts @ v.T / S).T  # [R, B]
+        item_se = np.full(R, np.nan)
     else:
-        draws = v[pick]
-    means = draws.mean(axis=1)
-    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
-    item_se = float(np.sqrt(np.mean(np.clip(v, 0, 1) * (1 - np.clip(v, 0, 1)) / ns))) if items else None
-    return {"n_seeds": int(S), "mean": float(v.mean()), "ci_low": float(lo), "ci_high": float(hi),
-            "seed_sd": float(np.std(v, ddof=1)) if S > 1 else None, "item_se": item_se}
+        ns = np.broadcast_to(np.asarray(n, dtype=np.int64), v.shape)
+        p = np.clip(v, 0, 1)
+        means = np.empty((R, n_resamples))
+        step = max(1, 2_000_000 // (n_resamples * S))  # rows per draw: ~16 MB of counts at a time
+        for r0 in range(0, R, step):
+            sl = slice(r0, r0 + step)
+            draws = rng.binomial(counts[None, :, :] * ns[sl, None, :],
+                                 np.broadcast_to(p[sl, None, :], (ns[sl].shape[0], n_resamples, S)))
+            means[sl] = (draws / ns[sl, None, :]).sum(axis=2) / S
+        item_se = np.sqrt(np.mean(p * (1 - p) / ns, axis=1))
+    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2], axis=1)
+    sd = np.std(v, axis=1, ddof=1) if S > 1 else np.full(R, np.nan)
+    return {"n_seeds": S, "mean": v.mean(axis=1), "ci_low": lo, "ci_high": hi, "seed_sd": sd, "item_se": item_se}
+
+
+def seed_bootstrap(acc: Sequence[float], n: Sequence[int] | int, *, n_resamples: int = N_RESAMPLES,
+                   seed: int = SEED, alpha: float = ALPHA, items: bool = True) -> dict:
+    """:func:`seed_bootstrap_many` for one metric: floats, ``seed_sd``/``item_se`` None where
+    undefined. ``items=False`` resamples seeds only."""
+    v = _outcomes(acc)
+    if v.size == 0:
+        raise DftError("seed_bootstrap: no seed")
+    r = seed_bootstrap_many(v[None, :], np.broadcast_to(np.asarray(n), v.shape)[None, :] if items else None,
+                            n_resamples=n_resamples, seed=seed, alpha=alpha)
+
+    def f(x):
+        x = float(x[0])
+        return None if math.isnan(x) else x
+
+    return {"n_seeds": int(v.size), "mean": float(v.mean()), "ci_low": f(r["ci_low"]), "ci_high": f(r["ci_high"]),
+            "seed_sd": f(r["seed_sd"]), "item_se": f(r["item_se"])}

@@ -366,13 +366,15 @@ def test_seeds_are_aggregated_as_replicates(tmp_path):
     vals = df[df["artefact"] == "cpt_sft"].sort_values("seed")[ACC].to_numpy()
     ref = seed_bootstrap(vals, 40)
     assert (row["n_seeds"], row["seeds"], row["levels"]) == (3, "1,2,3", "seeds, items")
-    assert (row["mean"], row["ci_low"], row["ci_high"], row["seed_sd"], row["item_se"]) == pytest.approx(
-        (ref["mean"], ref["ci_low"], ref["ci_high"], ref["seed_sd"], ref["item_se"]))
+    assert (row["mean"], row["seed_sd"], row["item_se"]) == pytest.approx((ref["mean"], ref["seed_sd"], ref["item_se"]))
+    # the table's rows share one vectorised bootstrap: the same interval up to resampling noise
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((ref["ci_low"], ref["ci_high"]), abs=0.02)
+    assert A.seed_table(df).equals(seeds)  # fixed seed: reproducible
     assert seeds[seeds["metric"] == "ppl"]["levels"].eq("seeds").all()
     text = R.build_report(sweep, tmp_path / "out", progress=False).read_text()
     (tab,) = R.parse_markdown_tables(_section(text, "## Seeds as replicates"))
     t = tab[(tab["artefact"] == "cpt_sft") & (tab["metric"] == ACC)].iloc[0]
-    assert t["mean [95 % CI]"] == f"{ref['mean']:.4f} [{ref['ci_low']:.4f}, {ref['ci_high']:.4f}]"
+    assert t["mean [95 % CI]"] == f"{row['mean']:.4f} [{row['ci_low']:.4f}, {row['ci_high']:.4f}]"
 
 
 def test_old_summaries_without_uncertainty_still_load_and_the_report_says_what_is_missing(tmp_path):

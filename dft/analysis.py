@@ -486,7 +486,7 @@ def comparisons_table(obj, alpha: float = 0.05) -> pd.DataFrame:
     ``summary.json["comparisons"]`` (:data:`COMPARISON_FIELDS`, see docs/CONTRACTS.md) with the
     cell's identity; a comparison repeated in several cells (the same cached stages compared
     again) is kept once: same sweep, experiment, model, peft, metric and the artefacts' cache
-    keys. Added: ``p_adj`` = Holm-adjusted p over all of the sweep's comparisons
+    keys. ``n10``/``n01``: discordant items of McNemar pairs (None otherwise). Added: ``p_adj`` = Holm-adjusted p over all of the sweep's comparisons
     (:func:`dft.stats.holm`), ``significant`` = ``p_adj < alpha``, and ``claim`` (one sentence,
     :func:`claim_sentence`). Empty frame with these columns when no summary has comparisons.
     """
@@ -507,8 +507,8 @@ def comparisons_table(obj, alpha: float = 0.05) -> pd.DataFrame:
             if dedup in seen:
                 continue
             seen.add(dedup)
-            rows.append({**ident, **{k: c.get(k) for k in COMPARISON_FIELDS}})
-    cols = ident_cols + COMPARISON_FIELDS + ["p_adj", "significant", "claim"]
+            rows.append({**ident, **{k: c.get(k) for k in COMPARISON_FIELDS + ["n10", "n01"]}})
+    cols = ident_cols + COMPARISON_FIELDS + ["n10", "n01", "p_adj", "significant", "claim"]
     if not rows:
         return pd.DataFrame(columns=cols)
     out = pd.DataFrame(rows)

@@ -243,8 +243,14 @@ def build_report(sweeps, out: str | os.PathLike | None = None, metrics: Sequence
             "of its parents; items matched one by one). `diff` = a − b with its 95 % paired bootstrap interval; "
             "`p`: exact McNemar test (accuracies) or paired bootstrap (mean of parents, `ppl`); `p_adj`: Holm over all "
             f"of the sweep's comparisons. **{n_sig} of {len(comp)} survive at α = 0.05.**\n")
+        mc = comp[comp["test"] == "mcnemar_exact"].dropna(subset=["n10", "n01"])
+        if not mc.empty:
+            disc = ((mc["n10"] + mc["n01"]) / mc["n"]).astype(float)
+            add(f"Measured discordance (items two compared artefacts answer differently, one right and one wrong): "
+                f"median {100 * disc.median():.0f} % (the dry run's power line assumes 30 %).\n")
         add("### Claims\n")
-        for line in A.merge_claims(comp) + [r["claim"] for r in comp[comp["kind"] != "merge_vs_parent"].to_dict("records")]:
+        lines = A.merge_claims(comp) + [r["claim"] for r in comp[comp["kind"] != "merge_vs_parent"].to_dict("records")]
+        for line in sorted(lines, key=lambda t: " is not distinguishable " in t):  # claims that survive first
             add(f"- {line}")
         add("")
         t = comp.assign(**{"diff [95 % CI]": [with_interval(d, lo, hi, digits) for d, lo, hi in

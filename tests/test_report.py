@@ -2,7 +2,7 @@
 
 The fixture writes summary.json / eval JSON in the exact docs/CONTRACTS.md formats with made-up
 numbers; every expected value below is read back from those files independently of dft.analysis.
-(A test on a real tiny-model sweep is to come once the training path produces one.)
+``test_real_tiny_sweep_with_two_seeds`` runs a real two-seed tiny-model sweep instead.
 """
 
 from __future__ import annotations

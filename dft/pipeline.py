@@ -584,6 +584,17 @@ def print_table(summary: dict) -> None:
     print(f"(acc: greedy answer, exact-match letter; acc_ll: log-likelihood over option letters; ppl: held-out "
           f"perplexity, nats->exp, per token{where}; [95 % interval]: Wilson for accuracies, bootstrap over "
           f"token blocks for ppl)")
+    sizes = {k.rsplit("/", 1)[0]: int(v) for a in arts for k, v in a["metrics"].items() if k.endswith("/n") and v}
+    if sizes:
+        from dft.stats import DEFAULT_DISCORDANCE, min_detectable_difference
+
+        by_n: dict[int, list[str]] = {}
+        for b, n in sizes.items():
+            by_n.setdefault(n, []).append(b)
+        parts = [f"with {n} items ({', '.join(bs)}) accuracy differences under ~{100 * (min_detectable_difference(n) or 1):.0f} "
+                 f"points" for n, bs in sorted(by_n.items())]
+        print(f"{'; '.join(parts)} are noise (paired test, 80 % power, alpha 0.05, {100 * DEFAULT_DISCORDANCE:.0f} % of "
+              f"items assumed discordant)")
     comps = summary.get("comparisons") or []
     if comps:
         sig = [c for c in comps if c.get("p") is not None and c["p"] < 0.05]

@@ -209,8 +209,12 @@ def test_report_and_notebooks_on_the_real_tiny_sweep(tiny_chain, tmp_path, monke
     for _, row in table.iterrows():
         s = summaries[row["cell"]]
         art = next(a for a in s["artefacts"] if a["name"] == row["artefact"])
-        for metric in ("mascqa/acc_ll", "ppl"):
-            assert float(row[metric]) == pytest.approx(art["metrics"][metric], abs=5e-5)
+        for metric in ("mascqa/acc_ll", "ppl"):  # `value [95 % CI]`
+            value, interval = row[metric].split(" [")
+            lo, hi = (float(x) for x in interval.rstrip("]").split(", "))
+            assert float(value) == pytest.approx(art["metrics"][metric], abs=5e-5)
+            assert (lo, hi) == pytest.approx((art["metrics"][f"{metric}_ci_low"], art["metrics"][f"{metric}_ci_high"]),
+                                             abs=5e-5)
             checked += 1
     assert checked >= 10
 

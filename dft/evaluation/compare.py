@@ -164,7 +164,8 @@ def cell_comparisons(eval_dir: Path, artefacts: Sequence[dict], benchmarks: Sequ
         ids = None
         for r in recs.values():
             these = [it["id"] for it in r["items"]]
-            ids = these if ids is None else [i for i in ids if i in set(these)]
+            keep = set(these)
+            ids = these if ids is None else [i for i in ids if i in keep]
         for name, field in ACC_KEYS:
             outcomes = {}
             for nm, r in recs.items():

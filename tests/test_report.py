@@ -419,6 +419,10 @@ def test_real_tiny_sweep_with_two_seeds(tmp_path, tiny_model):
     # seeds: one row per artefact and metric, two seeds each
     (seeds,) = R.parse_markdown_tables(_section(text, "## Seeds as replicates"))
     assert set(seeds["seeds"]) == {"1,2"} and {"start", "cpt", "cpt+slerp"} <= set(seeds["artefact"])
+    # the start model's evaluation does not depend on the seed: one cache entry, zero between-seed spread
+    starts = [next(a for a in s["artefacts"] if a["name"] == "start") for s in sums]
+    assert starts[0]["key"] == starts[1]["key"] and starts[0]["metrics"] == starts[1]["metrics"]
+    assert set(seeds[seeds["artefact"] == "start"]["seed_sd"]) == {"0.0000"}
     # comparisons: cpt vs start and the merge vs both parents and their mean, per seed (distinct stages)
     comp = A.comparisons_table(sweep)
     assert {"stage_vs_parent", "merge_vs_parent", "merge_vs_mean_of_parents"} == set(comp["kind"])

@@ -807,7 +807,8 @@ def plot_relative(df: pd.DataFrame, metric: str):
             if len(err) == 2:
                 a, b = err["rel_lo"][sw].to_numpy(), err["rel_hi"][sw].to_numpy()
                 lo, hi = np.fmin(a, b), np.fmax(a, b)  # perplexity's sign flip swaps the ends
-                xerr = np.nan_to_num(np.vstack([vals - lo, hi - vals]).clip(min=0))
+                xerr = np.vstack([vals - lo, hi - vals]).clip(min=0)
+                xerr = np.where(np.isfinite(xerr), xerr, 0.0)  # a zero baseline has no relative interval
             ax.barh(pos, vals, height=width, color=colors, label=str(sw) if n > 1 else None,
                     xerr=xerr, error_kw={"elinewidth": 0.8, "capsize": 2})
         ax.set_yticks(list(ys), piv.index, fontsize=7)

@@ -242,7 +242,9 @@ def build_report(sweeps, out: str | os.PathLike | None = None, metrics: Sequence
         add(f"{len(comp)} distinct comparisons (each stage vs its parent, each merge vs each parent and vs the mean "
             "of its parents; items matched one by one). `diff` = a − b with its 95 % paired bootstrap interval; "
             "`p`: exact McNemar test (accuracies) or paired bootstrap (mean of parents, `ppl`); `p_adj`: Holm over all "
-            f"of the sweep's comparisons. **{n_sig} of {len(comp)} survive at α = 0.05.**\n")
+            f"of the sweep's comparisons. **{n_sig} of {len(comp)} survive at α = 0.05.** The intervals are per "
+            "comparison, not adjusted: an interval that excludes 0 with `p_adj` ≥ 0.05 is not a finding once the "
+            "sweep's number of comparisons is accounted for.\n")
         mc = comp[comp["test"] == "mcnemar_exact"].dropna(subset=["n10", "n01"])
         if not mc.empty:
             disc = ((mc["n10"] + mc["n01"]) / mc["n"]).astype(float)

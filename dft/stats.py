@@ -299,8 +299,9 @@ def min_detectable_difference(n: int, discordance: float = DEFAULT_DISCORDANCE, 
         raise DftError(f"discordance must be in (0, 1], got {discordance}")
     from statsmodels.stats.power import TTestPower
 
-    e = float(TTestPower().solve_power(effect_size=None, nobs=n, alpha=alpha, power=power,
-                                       alternative="two-sided"))
+    # two-sided power is symmetric in e: the root finder may return -e (it does for n = 1525)
+    e = abs(float(TTestPower().solve_power(effect_size=None, nobs=n, alpha=alpha, power=power,
+                                           alternative="two-sided")))
     return min(1.0, e * math.sqrt(discordance / (1 + e * e)))
 
 

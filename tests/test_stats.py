@@ -116,6 +116,10 @@ def test_min_detectable_difference_has_the_stated_power():
     assert 0.72 < hits / 400 < 0.88
     assert S.min_detectable_difference(20, psi) > 0.25  # eval=quick: 20 items
     assert S.min_detectable_difference(2) is None
+    # positive and falling with n (statsmodels' root finder returned -0.0392 for n = 1525: the sign is dropped)
+    ds = [S.min_detectable_difference(k) for k in (20, 135, 307, 426, 650, 1000, 1473, 1525, 2258, 5000)]
+    assert all(x > 0 for x in ds) and ds == sorted(ds, reverse=True)
+    assert S.min_detectable_difference(1525) == pytest.approx(0.0392, abs=1e-4)
 
 
 def test_seed_bootstrap_two_levels():

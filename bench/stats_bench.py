@@ -4,8 +4,8 @@
 
 A SYNTHETIC sweep (nothing is trained): 64 cells per seed, 3 seeds (192 cells), each cell with
 four evaluated artefacts (``start``, ``cpt``, ``cpt_sft``, ``cpt_sft+slerp`` whose parents are
-``cpt_sft`` and ``start``) scored on eval=full's item sets (mascqa 650, mmlu_stem 1,473,
-anatomy_mcq 135: 2,258 items per artefact; 0/1 outcomes for ``acc`` and ``acc_ll`` drawn around
+``cpt_sft`` and ``start``) scored on eval=full's item sets (mascqa 307, mmlu_stem 1,525,
+anatomy_mcq 426: 2,258 items per artefact; 0/1 outcomes for ``acc`` and ``acc_ll`` drawn around
 a per-item difficulty, so artefacts agree on most items as real ones do) and 400 perplexity
 blocks of 512 tokens. Timed, in order, with 10,000 bootstrap resamples:
 
@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dft import analysis as A  # noqa: E402
 from dft.evaluation.compare import cell_comparisons, paired_comparisons, perplexity_comparisons  # noqa: E402
 
-BENCHMARKS = {"mascqa": 650, "mmlu_stem": 1473, "anatomy_mcq": 135}
+BENCHMARKS = {"mascqa": 307, "mmlu_stem": 1525, "anatomy_mcq": 426}  # data/*: eval=full's item counts
 ARTEFACTS = [{"name": "start", "kind": "start", "stages": [], "parents": []},
              {"name": "cpt", "kind": "stage", "stages": ["cpt"], "parents": []},
              {"name": "cpt_sft", "kind": "stage", "stages": ["cpt", "sft"], "parents": []},

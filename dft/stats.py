@@ -216,7 +216,7 @@ def bootstrap_contrasts(values: np.ndarray, contrasts: Sequence[dict[int, float]
 
     def stat(c):
         sums = (c.astype(xm.dtype) @ xm).astype(np.float64)
-        return _apply(w, sums / n)
+        return _apply(w, sums) / n  # contrast the sums, then divide: (14 - 4) / 20 is exactly 0.5
 
     out = _bootstrap(n, stat, w.shape[1], n_resamples=n_resamples, seed=seed, confidence=1 - alpha, batch=batch)
     out["p"] = bootstrap_p(out["distribution"])

@@ -75,3 +75,39 @@ def test_cell_comparisons_from_eval_files(tmp_path):
     assert mean["p"] < 0.01
     ppl = by[("cpt_sft", "start", "ppl")]
     assert (ppl["diff"], ppl["p"], ppl["n"], ppl["a_value"]) == (0.0, 1.0, 3, pytest.approx(np.exp(2.0)))
+
+
+def test_cell_summary_carries_comparisons_intervals_and_synergy_p(tmp_path):
+    """Cell.summary (what summary.json and the W&B run summary get) from eval files, no model."""
+    from conftest import compose
+    from dft.pipeline import Artefact, Cell
+    from dft.stats import accuracy_stats
+
+    cfg = compose(["model=tiny", "data=tiny", "strategy=cpt", "merge=slerp", "logger=none", "eval.benchmarks=[mascqa]",
+                   "eval.perplexity=false", f"paths.stages={tmp_path / '_stages'}"])
+    cell = Cell(cfg, tmp_path / "cell", "c")
+    correct = {"start": [1] * 4 + [0] * 16, "cpt": [1] * 14 + [0] * 6, "cpt+slerp": [1] * 14 + [0] * 6}
+    arts = {}
+    for kind, name in (("start", "start"), ("stage", "cpt"), ("merge", "cpt+slerp")):
+        st = accuracy_stats(correct[name])
+        metrics = {"mascqa/n": 20, **{f"mascqa/acc{k}": st[k.lstrip("_") or "acc"] for k in ("", "_stderr", "_ci_low", "_ci_high")}}
+        items = [{"id": i, "correct": bool(v), "correct_ll": None} for i, v in enumerate(correct[name])]
+        _write(cell.run_dir / "eval" / name / "mascqa.json", {"items": items})
+        arts[name] = Artefact(name=name, kind=kind, path=tmp_path, key=name, stages=["cpt"] if name != "start" else [],
+                              merge="slerp" if kind == "merge" else None,
+                              parents=["cpt", "start"] if kind == "merge" else [], metrics=metrics)
+    cell.artefacts = list(arts.values())
+    s = cell.summary([arts["cpt+slerp"]], arts["start"])
+    assert s["metrics"]["eval/start/mascqa/acc_ci_low"] == pytest.approx(accuracy_stats(correct["start"])["ci_low"])
+    assert {f"eval/cpt/mascqa/acc{k}" for k in ("", "_stderr", "_ci_low", "_ci_high")} <= set(s["metrics"])
+    by = {(c["kind"], c["a"], c["b"]): c for c in s["comparisons"]}
+    up = by[("stage_vs_parent", "cpt", "start")]
+    assert (up["metric"], up["diff"], up["n10"], up["n01"], up["test"]) == ("mascqa/acc", 0.5, 10, 0, "mcnemar_exact")
+    assert up["p"] == pytest.approx(0.001953125)  # 10 discordant pairs, all one way
+    same = by[("merge_vs_parent", "cpt+slerp", "cpt")]
+    assert (same["diff"], same["p"]) == (0.0, 1.0)
+    (syn,) = s["synergy"]  # acc_ll is off: one metric
+    mean = by[("merge_vs_mean_of_parents", "cpt+slerp", "mean(cpt,start)")]
+    assert syn["deviation"] == pytest.approx(0.25) == pytest.approx(mean["diff"])
+    assert (syn["ci_low"], syn["ci_high"], syn["p"]) == (mean["ci_low"], mean["ci_high"], mean["p"])
+    assert not any(k.endswith(("_ci_low", "_ci_high", "_stderr", "/n")) for k in {r["metric"] for r in s["synergy"]})

@@ -313,16 +313,17 @@ def build_report(sweeps, out: str | os.PathLike | None = None, metrics: Sequence
         f = _save(A.plot_synergy(syn, [m for m in metrics if m in set(syn["metric"])] or None),
                   out / "synergy.png")
         add(f"![synergy]({f})\n")
-        # the deviation's Holm-adjusted p: the merge_vs_mean_of_parents comparison of the same cell
+        # the deviation's Holm-adjusted p: the merge_vs_mean_of_parents comparison of the same merge (matched by
+        # model, merged artefact, metric and value: the deduplicated comparison may come from another cell)
         padj = {}
         if not comp.empty:
             for r in comp[comp["kind"] == "merge_vs_mean_of_parents"].to_dict("records"):
-                padj[(r["model"], r["a"], r["metric"], r["diff"])] = r["p_adj"]
+                padj[(r["model"], r["a"], r["metric"], round(float(r["diff"]), 9))] = r["p_adj"]
         syn = syn.assign(**{
             "deviation [95 % CI]": [with_interval(d, lo, hi, digits) for d, lo, hi in
                                     zip(syn["deviation"], syn["ci_low"], syn["ci_high"])],
-            "p_adj": [padj.get((m, a, k, d)) for m, a, k, d in zip(syn["model"], syn["merged"], syn["metric"],
-                                                                    syn["deviation"])]})
+            "p_adj": [padj.get((m, a, k, round(float(d), 9))) for m, a, k, d in zip(syn["model"], syn["merged"],
+                                                                                    syn["metric"], syn["deviation"])]})
         cols = (["sweep"] if multi else []) + ["model", "strategy", "cell", "merged", "parent_1", "parent_2",
                                                "metric", "p1", "p2", "expected", "merged_score", "deviation",
                                                "deviation [95 % CI]", "p", "p_adj", "improvement", "diversity"]

@@ -46,6 +46,7 @@ import numpy as np
 import pandas as pd
 
 from dft import DftError
+from dft.evaluation.compare import COMPARISON_FIELDS  # the fields of summary.json["comparisons"]
 
 #: Identity columns of :func:`load_sweep` (in order); every other column is a metric or ``train/*``.
 ID_COLUMNS = [
@@ -452,8 +453,6 @@ def synergy_table(obj) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------ uncertainty
-#: fields of a ``summary.json["comparisons"]`` record (docs/CONTRACTS.md)
-COMPARISON_FIELDS = ["kind", "a", "b", "metric", "a_value", "b_value", "diff", "ci_low", "ci_high", "p", "test", "n"]
 _SEED_RE = re.compile(r"(^|,)seed=[^,]*")
 
 

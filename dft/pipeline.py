@@ -423,6 +423,8 @@ class Cell:
                 if summary["synergy"]:
                     self.tracker.table("synergy", summary["synergy"])
                 if summary["comparisons"]:
+                    from dft.evaluation.compare import COMPARISON_FIELDS
+
                     self.tracker.table("comparisons", [{k: c.get(k) for k in COMPARISON_FIELDS}
                                                        for c in summary["comparisons"]])
             print_table(summary)
@@ -548,10 +550,6 @@ class Cell:
         from dft.plan import dry_run
 
         dry_run(self)
-
-
-#: the fields of a ``summary.json["comparisons"]`` record (dft.evaluation.compare)
-COMPARISON_FIELDS = ("kind", "a", "b", "metric", "a_value", "b_value", "diff", "ci_low", "ci_high", "p", "test", "n")
 
 
 def format_value(metric: str, m: dict) -> str:

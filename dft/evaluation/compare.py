@@ -31,6 +31,9 @@ import numpy as np
 from dft import stats as S
 
 ACC_KEYS = (("acc", "correct"), ("acc_ll", "correct_ll"))
+#: the fields every comparison record has (docs/CONTRACTS.md); McNemar records add ``n10``/``n01``,
+#: mean-of-parents records ``b_parts``
+COMPARISON_FIELDS = ["kind", "a", "b", "metric", "a_value", "b_value", "diff", "ci_low", "ci_high", "p", "test", "n"]
 
 
 def comparison_pairs(artefacts: Sequence[dict], evaluated: Optional[set] = None) -> list[dict]:

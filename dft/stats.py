@@ -127,8 +127,8 @@ def bootstrap_p(distribution: np.ndarray) -> np.ndarray:
     """Two-sided bootstrap p-value of "the contrast is 0", per row of ``distribution``.
 
     ``p = min(1, 2 * min(P*(theta <= 0), P*(theta >= 0)))`` over the bootstrap replicates
-    ``theta`` (the last axis): the smallest alpha at which the equal-tailed percentile interval
-    excludes 0 (Efron & Tibshirani 1993, §15.4 and §16.4), so ``p < alpha`` exactly when the
+    ``theta`` (the last axis): the test obtained by inverting the equal-tailed percentile
+    interval (the smallest alpha at which it excludes 0), so ``p < alpha`` exactly when the
     ``1 - alpha`` percentile interval lies on one side of 0 (up to resampling ties). A
     distribution that is 0 everywhere (identical artefacts) gives 1.
     """

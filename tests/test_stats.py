@@ -17,7 +17,11 @@ def test_wilson_7_of_20_equals_statsmodels():
     lo, hi = S.wilson_interval(7, 20)
     ref = proportion_confint(7, 20, alpha=0.05, method="wilson")
     assert abs(lo - ref[0]) < 1e-12 and abs(hi - ref[1]) < 1e-12
-    # the textbook value (Newcombe 1998, Wilson 95 % for 7/20): 0.1812 .. 0.5671
+    # the closed form (Wilson 1927): (p + z^2/2n -+ z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n)
+    p, n, z = 0.35, 20, 1.959963984540054
+    c = math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    assert lo == pytest.approx((p + z * z / (2 * n) - z * c) / (1 + z * z / n), abs=1e-12)
+    assert hi == pytest.approx((p + z * z / (2 * n) + z * c) / (1 + z * z / n), abs=1e-12)
     assert round(lo, 4) == 0.1812 and round(hi, 4) == 0.5671
     st = S.accuracy_stats([1] * 7 + [0] * 13)
     assert st["n"] == 20 and st["acc"] == 0.35 and (st["ci_low"], st["ci_high"]) == (lo, hi)

@@ -42,9 +42,11 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 
 from dft import DftError
+from dft.evaluation.compare import COMPARISON_FIELDS  # the fields of summary.json["comparisons"]
 
 #: Identity columns of :func:`load_sweep` (in order); every other column is a metric or ``train/*``.
 ID_COLUMNS = [
@@ -351,9 +353,20 @@ def _kind_of(artefact: str) -> str:
 
 # ---------------------------------------------------------------------------------------- tables
 def metric_columns(df: pd.DataFrame) -> list[str]:
-    """The evaluation metric columns of a :func:`load_sweep` frame (not identity, not ``train/``)."""
+    """The evaluation metric columns of a :func:`load_sweep` frame (not identity, not ``train/``,
+    not a metric's uncertainty companions ``<metric>_stderr``/``_ci_low``/``_ci_high`` or
+    ``<benchmark>/n``: see :func:`interval_columns`)."""
+    from dft.stats import is_uncertainty_key
+
     return [c for c in df.columns if c not in ID_COLUMNS and not c.startswith("train/")
-            and ":" not in c and c not in ("baseline_of", "is_baseline")]
+            and ":" not in c and c not in ("baseline_of", "is_baseline") and not is_uncertainty_key(c)]
+
+
+def interval_columns(df: pd.DataFrame, metric: str) -> tuple[str | None, str | None]:
+    """The ``(<metric>_ci_low, <metric>_ci_high)`` columns of ``df``, None where absent (summaries
+    written before dft recorded intervals)."""
+    lo, hi = f"{metric}_ci_low", f"{metric}_ci_high"
+    return (lo if lo in df else None), (hi if hi in df else None)
 
 
 def primary_metrics(df: pd.DataFrame) -> list[str]:
@@ -466,7 +479,7 @@ def rankings(df: pd.DataFrame, metric: str, by: str | list[str] | None = None,
 
 
 SYNERGY_FIELDS = ["merged", "parent_1", "parent_2", "metric", "p1", "p2", "expected", "merged_score",
-                  "deviation", "improvement", "diversity"]
+                  "deviation", "improvement", "diversity", "ci_low", "ci_high", "p"]
 
 
 def synergy_table(obj) -> pd.DataFrame:
@@ -477,7 +490,8 @@ def synergy_table(obj) -> pd.DataFrame:
     (``expected`` = the parents' mean score, ``deviation`` = merged_score - expected: the
     paper's synergy measure, positive = above the y = x line; ``improvement`` = merged_score -
     the better parent, positive = emergent; ``diversity`` = |p1 - p2|; all in the metric's
-    unit), plus the kinship of the merged model's parents
+    unit; ``ci_low``/``ci_high``/``p`` = the deviation's 95 % paired bootstrap interval and
+    p-value, None in summaries written before they were recorded), plus the kinship of the merged model's parents
     (``kinship_pearson``, ``kinship_cosine``, ``kinship_euclidean``) when recorded.
     """
     ident_cols = ["sweep", "experiment", "cell", "model", "family", "start", "strategy", "chain", "merge"]
@@ -498,6 +512,174 @@ def synergy_table(obj) -> pd.DataFrame:
         return pd.DataFrame(columns=ident_cols + SYNERGY_FIELDS)
     return pd.DataFrame(rows)
 
+
+
+# ------------------------------------------------------------------------------ uncertainty
+_SEED_RE = re.compile(r"(^|,)seed=[^,]*")
+
+
+def missing_uncertainty(obj) -> dict[str, list[str]]:
+    """Which cells' summaries lack the uncertainty fields (written before dft recorded them).
+
+    Returns ``{"comparisons": [cell dirs without "comparisons"], "intervals": [cells whose MCQ/ppl
+    metrics have no ``_ci_low``]}``; cells that evaluate nothing count in neither.
+    """
+    out: dict[str, list[str]] = {"comparisons": [], "intervals": []}
+    for s in _summaries_from(obj):
+        name = str(s.get("_dir") or s.get("cell"))
+        arts = s.get("artefacts") or []
+        keys = {k for a in arts for k in (a.get("metrics") or {})}
+        if not keys:
+            continue
+        if "comparisons" not in s:
+            out["comparisons"].append(name)
+        from dft.stats import is_uncertainty_key
+
+        if any(not is_uncertainty_key(k) and f"{k}_ci_low" not in keys for k in keys):
+            out["intervals"].append(name)
+    return out
+
+
+def comparisons_table(obj, alpha: float = 0.05) -> pd.DataFrame:
+    """Every paired comparison of a sweep, each distinct one once, Holm-corrected per sweep.
+
+    ``obj``: a :func:`load_sweep` frame, sweep folder(s) or summary dicts. One row per record of
+    ``summary.json["comparisons"]`` (:data:`COMPARISON_FIELDS`, see docs/CONTRACTS.md) with the
+    cell's identity; a comparison repeated in several cells (the same cached stages compared
+    again) is kept once: same sweep, experiment, model, peft, metric and the artefacts' cache
+    keys. ``n10``/``n01``: discordant items of McNemar pairs (None otherwise). Added: ``p_adj`` = Holm-adjusted p over all of the sweep's comparisons
+    (:func:`dft.stats.holm`), ``significant`` = ``p_adj < alpha``, and ``claim`` (one sentence,
+    :func:`claim_sentence`). Empty frame with these columns when no summary has comparisons.
+    """
+    from dft.stats import holm
+
+    ident_cols = ["sweep", "experiment", "cell", "model", "family", "strategy", "chain", "merge", "peft", "seed"]
+    rows, seen = [], set()
+    for s in _summaries_from(obj):
+        keys = {a["name"]: a.get("key") for a in s.get("artefacts") or []}
+        ident = {"sweep": s.get("_sweep"), "experiment": s.get("experiment"), "cell": s.get("cell"),
+                 "model": s.get("model"), "family": s.get("family"), "strategy": s.get("strategy"),
+                 "chain": "_".join(s.get("chain") or []), "merge": s.get("merge") or "none",
+                 "peft": s.get("peft"), "seed": s.get("seed")}
+        for c in s.get("comparisons") or []:
+            parts = c.get("b_parts") or [c.get("b")]
+            dedup = (ident["sweep"], ident["experiment"], ident["model"], ident["peft"], c.get("metric"),
+                     c.get("kind"), keys.get(c.get("a"), c.get("a")), tuple(keys.get(b, b) for b in parts))
+            if dedup in seen:
+                continue
+            seen.add(dedup)
+            rows.append({**ident, **{k: c.get(k) for k in COMPARISON_FIELDS + ["n10", "n01"]}})
+    cols = ident_cols + COMPARISON_FIELDS + ["n10", "n01", "p_adj", "significant", "claim"]
+    if not rows:
+        return pd.DataFrame(columns=cols)
+    out = pd.DataFrame(rows)
+    out["p_adj"], out["significant"] = None, None
+    for sw, idx in out.groupby("sweep", dropna=False).groups.items():
+        adj, rej = holm(out.loc[idx, "p"].tolist(), alpha)
+        out.loc[idx, "p_adj"] = pd.Series(adj, index=idx, dtype=object)
+        out.loc[idx, "significant"] = pd.Series(rej, index=idx, dtype=object)
+    out["claim"] = [claim_sentence(r) for r in out.to_dict("records")]
+    return out[cols]
+
+
+def _diff_text(metric: str, diff: float, lo: float, hi: float) -> str:
+    if metric.split("/")[-1] == "ppl":
+        return f"{diff:+.3g} ppl [{lo:.3g}, {hi:.3g}]"
+    return f"{100 * diff:+.1f} points [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def claim_sentence(r: Mapping) -> str:
+    """One plain sentence for a :func:`comparisons_table` row.
+
+    ``"<model>/<a> beats <b> on <metric>: +4.1 points [1.2, 7.0], p_adj = 0.01"`` (or ``is worse
+    than``; for perplexity lower is better), or ``"... is not distinguishable from <b> on
+    <metric>: ..."`` when the Holm-adjusted p is not below 0.05 (``significant`` false).
+    """
+    who = f"{r.get('model')}/{r.get('a')}"
+    b = r.get("b") or ""
+    if r.get("kind") == "merge_vs_mean_of_parents" and b.startswith("mean("):
+        b = f"the mean of its parents ({b[5:-1].replace(',', ', ')})"
+    m = r.get("metric")
+    if r.get("diff") is None or r.get("ci_low") is None:
+        return f"{who} vs {b} on {m}: no interval recorded"
+    stats = _diff_text(m, r["diff"], r["ci_low"], r["ci_high"])
+    p = r.get("p_adj")
+    ptxt = f"p_adj = {p:.2g}" if p is not None and not (isinstance(p, float) and math.isnan(p)) else "no p"
+    if r.get("significant"):
+        better = (r["diff"] > 0) == higher_is_better(m)
+        return f"{who} {'beats' if better else 'is worse than'} {b} on {m}: {stats}, {ptxt}"
+    return f"{who} is not distinguishable from {b} on {m}: {stats}, {ptxt}"
+
+
+def merge_claims(comp: pd.DataFrame) -> list[str]:
+    """One sentence per (merged artefact, metric) about both of its parents (the paper's question):
+    ``"... beats both parents on m: +a [..] vs p1, +b [..] vs p2 (p_adj ..)"``, ``"... is not
+    distinguishable from its parents on m: ..."``, or each parent's verdict when they differ."""
+    out = []
+    d = comp[comp["kind"] == "merge_vs_parent"]
+    for (_, _, model, a, m), g in d.groupby(["sweep", "cell", "model", "a", "metric"], sort=False):
+        rows = g.to_dict("records")
+        parts = ", ".join(f"{_diff_text(m, r['diff'], r['ci_low'], r['ci_high'])} vs {r['b']} "
+                          f"(p_adj = {r['p_adj']:.2g})" for r in rows if r.get("ci_low") is not None and r.get("p_adj") is not None)
+        sig = [bool(r.get("significant")) for r in rows]
+        better = [(r["diff"] > 0) == higher_is_better(m) for r in rows]
+        if len(rows) == 2 and all(sig) and all(better):
+            out.append(f"{model}/{a} beats both parents on {m}: {parts}")
+        elif not any(sig):
+            out.append(f"{model}/{a} is not distinguishable from its parents on {m}: {parts}")
+        else:
+            out.extend(claim_sentence(r) for r in rows)
+    return out
+
+
+def seed_table(df: pd.DataFrame, metrics: Sequence[str] | None = None, n_resamples: int | None = None) -> pd.DataFrame:
+    """Seeds as replicates: cells that differ only in ``seed``, aggregated per artefact and metric.
+
+    Cells are grouped by (sweep, experiment, the cell name without its ``seed=`` override); each
+    group with two or more distinct seeds gives, per artefact and metric, ``n_seeds``, ``seeds``,
+    ``mean`` over seeds, ``ci_low``/``ci_high`` = 95 % two-level bootstrap (seeds, then items;
+    :func:`dft.stats.seed_bootstrap_many`; items only for accuracies whose ``<benchmark>/n`` is
+    recorded, else seeds only: ``levels`` says which), ``seed_sd`` (between-seed spread, SD
+    over seeds) and ``item_se`` (item-sampling spread of one seed's value, binomial SE). All
+    rows with the same number of seeds and levels share one vectorised bootstrap.
+    """
+    from dft.stats import N_RESAMPLES, seed_bootstrap_many
+
+    cols = ["sweep", "experiment", "model", "strategy", "merge", "group", "artefact", "metric", "n_seeds", "seeds",
+            "mean", "ci_low", "ci_high", "seed_sd", "item_se", "levels"]
+    if df.empty or "seed" not in df or df["seed"].isna().all():
+        return pd.DataFrame(columns=cols)
+    metrics = [m for m in (metrics or metric_columns(df)) if m in df]
+    d = df[df["status"].eq("finished") | df["status"].isna()].copy()
+    d["group"] = d["cell"].astype(str).map(lambda c: _SEED_RE.sub("", c).strip(",") or "default")
+    pending: dict[tuple, list] = {}  # (n_seeds, items) -> [(row identity, values, n)]
+    for (sw, ex, grp, art), g in d.groupby(["sweep", "experiment", "group", "artefact"], sort=True, dropna=False):
+        g = g.drop_duplicates("seed").sort_values("seed")
+        if g["seed"].nunique() < 2:
+            continue
+        ident = {"sweep": sw, "experiment": ex, "model": g["model"].iloc[0], "strategy": g["strategy"].iloc[0],
+                 "merge": g["merge"].iloc[0], "group": grp, "artefact": art,
+                 "seeds": ",".join(str(int(x)) for x in g["seed"])}
+        for m in metrics:
+            vals = g[m].to_numpy(dtype=float)
+            if np.isnan(vals).any():
+                continue
+            ncol = f"{m.rsplit('/', 1)[0]}/n" if "/" in m else None
+            items = bool(ncol and ncol in g and g[ncol].notna().all() and m.split("/")[-1] in ("acc", "acc_ll"))
+            pending.setdefault((len(vals), items), []).append(
+                ({**ident, "metric": m}, vals, g[ncol].to_numpy(dtype=np.int64) if items else None))
+    rows = []
+    for (S, items), batch in pending.items():
+        r = seed_bootstrap_many(np.stack([b[1] for b in batch]), np.stack([b[2] for b in batch]) if items else None,
+                                n_resamples=n_resamples or N_RESAMPLES)
+        for i, (ident, _, _) in enumerate(batch):
+            rows.append({**ident, "n_seeds": S, "mean": float(r["mean"][i]), "ci_low": float(r["ci_low"][i]),
+                         "ci_high": float(r["ci_high"][i]),
+                         "seed_sd": None if np.isnan(r["seed_sd"][i]) else float(r["seed_sd"][i]),
+                         "item_se": None if np.isnan(r["item_se"][i]) else float(r["item_se"][i]),
+                         "levels": "seeds, items" if items else "seeds"})
+    out = pd.DataFrame(rows, columns=cols)
+    return out.sort_values(["sweep", "experiment", "group", "artefact", "metric"]).reset_index(drop=True)
 
 def train_histories(obj) -> pd.DataFrame:
     """Training-loss curves from ``summary.json["train"][<artefact>]["log_history"]``.
@@ -636,7 +818,9 @@ def _pct(metric: str) -> str:
 
 
 def plot_relative(df: pd.DataFrame, metric: str):
-    """The paper's bar chart: each variant's ``metric`` relative to its family's baseline (%).
+    """The paper's bar chart: each variant's ``metric`` relative to its family's baseline (%),
+    with the metric's 95 % interval as error bars where recorded (the baseline's own uncertainty
+    is not propagated: compare two variants with :func:`comparisons_table`, which is paired).
 
     One panel per family, one horizontal bar per distinct artefact (baselines themselves, and
     the merge partner when it is the instruct baseline, are left out: they are 0 by
@@ -651,6 +835,10 @@ def plot_relative(df: pd.DataFrame, metric: str):
     partner_is_base = d["kind"].eq("partner") & d["baseline_of"].str.startswith("instruct:")
     d = d[~d["is_baseline"] & ~partner_is_base & d[f"{metric}:relative"].notna()].copy()
     d["label"] = variant_labels(d)
+    lo_col, hi_col = interval_columns(d, metric)
+    if lo_col and hi_col:  # error bars: the 95 % interval of the metric, relative to the same baseline
+        sign, base = (1.0 if higher_is_better(metric) else -1.0), d[f"{metric}:baseline"]
+        d["rel_lo"], d["rel_hi"] = sign * (d[lo_col] - base) / base, sign * (d[hi_col] - base) / base
     families = sorted(d["family"].dropna().unique()) or ["(none)"]
     sweeps = sorted(d["sweep"].unique())
     heights = [max(1.5, 0.28 * d[d["family"] == f]["label"].nunique() * max(1, len(sweeps) * 0.6) + 1)
@@ -664,6 +852,11 @@ def plot_relative(df: pd.DataFrame, metric: str):
             continue
         piv = sub.pivot_table(index="label", columns="sweep", values=f"{metric}:relative", aggfunc="mean") * 100
         piv = piv.loc[piv.mean(axis=1).sort_values().index]
+        err = {}
+        for end in ("rel_lo", "rel_hi"):  # the metric's 95 % interval, on the same relative scale
+            if end in sub and sub[end].notna().any():
+                err[end] = sub.pivot_table(index="label", columns="sweep", values=end, aggfunc="mean").reindex(
+                    index=piv.index, columns=piv.columns) * 100
         n = len(sweeps)
         width = 0.8 / max(n, 1)
         ys = range(len(piv))
@@ -671,7 +864,14 @@ def plot_relative(df: pd.DataFrame, metric: str):
             vals = piv[sw].to_numpy()
             pos = [y - 0.4 + width * (i + 0.5) for y in ys]
             colors = ["tab:green" if v >= 0 else "tab:red" for v in vals] if n == 1 else None
-            ax.barh(pos, vals, height=width, color=colors, label=str(sw) if n > 1 else None)
+            xerr = None
+            if len(err) == 2:
+                a, b = err["rel_lo"][sw].to_numpy(), err["rel_hi"][sw].to_numpy()
+                lo, hi = np.fmin(a, b), np.fmax(a, b)  # perplexity's sign flip swaps the ends
+                xerr = np.vstack([vals - lo, hi - vals]).clip(min=0)
+                xerr = np.where(np.isfinite(xerr), xerr, 0.0)  # a zero baseline has no relative interval
+            ax.barh(pos, vals, height=width, color=colors, label=str(sw) if n > 1 else None,
+                    xerr=xerr, error_kw={"elinewidth": 0.8, "capsize": 2})
         ax.set_yticks(list(ys), piv.index, fontsize=7)
         ax.axvline(0, color="k", lw=0.8)
         base = sub["baseline_of"].iloc[0]
@@ -687,7 +887,9 @@ def plot_synergy(syn: pd.DataFrame, metrics: Sequence[str] | None = None):
     """The paper's synergy plot: merged model's actual score vs the expected score (parents'
     mean), one panel per metric, with the y = x line (above it: synergy; for perplexity below
     it is better). Colour = family, marker = sweep; each point is labelled with its strategy
-    (:func:`_point_labels`). Returns the Figure."""
+    (:func:`_point_labels`); vertical error bars = the 95 % paired bootstrap interval of
+    merged - expected (``ci_low``/``ci_high`` of the synergy records) where recorded.
+    Returns the Figure."""
     plt = _plt()
     metrics = list(metrics or sorted(syn["metric"].unique())) if not syn.empty else []
     n = max(len(metrics), 1)
@@ -704,8 +906,14 @@ def plot_synergy(syn: pd.DataFrame, metrics: Sequence[str] | None = None):
                 if s.empty:
                     continue
                 lab = fam if len(sweeps) == 1 else f"{fam} · {sw}"
-                ax.scatter(s["expected"], s["merged_score"], color=cmap(fi % 10),
-                           marker=markers[si % len(markers)], label=lab, s=28, alpha=0.85)
+                yerr = None
+                if {"ci_low", "ci_high"} <= set(s) and s["ci_low"].notna().all():
+                    # the deviation's paired interval, drawn around the merged score
+                    dev = s["merged_score"] - s["expected"]
+                    yerr = np.vstack([(dev - s["ci_low"].astype(float)).clip(lower=0),
+                                      (s["ci_high"].astype(float) - dev).clip(lower=0)])
+                ax.errorbar(s["expected"], s["merged_score"], yerr=yerr, color=cmap(fi % 10), fmt=markers[si % len(markers)],
+                            label=lab, ms=5, alpha=0.85, elinewidth=0.8, capsize=2)
         for x, y, text in _point_labels(sub):  # which merge each point is; coincident points share one label
             ax.annotate(text, (x, y), xytext=(4, 3), textcoords="offset points", fontsize=5.5, alpha=0.9)
         lo = min(sub["expected"].min(), sub["merged_score"].min())
@@ -725,6 +933,42 @@ def plot_synergy(syn: pd.DataFrame, metrics: Sequence[str] | None = None):
     fig.tight_layout()
     return fig
 
+
+
+def plot_comparisons(comp: pd.DataFrame, metrics: Sequence[str], top: int = 40):
+    """Forest plot of :func:`comparisons_table`: per metric, each comparison's a - b with its 95 %
+    paired interval (horizontal error bar), filled where it survives Holm at 0.05, hollow where
+    not; the ``top`` largest |diff| per metric. Accuracies in points, perplexity in its unit.
+    Returns the Figure."""
+    plt = _plt()
+    metrics = [m for m in metrics if m in set(comp["metric"])] or ["(none)"]
+    subs = []
+    for m in metrics:
+        sub = comp[comp["metric"] == m].dropna(subset=["diff", "ci_low", "ci_high"])
+        subs.append(sub.reindex(sub["diff"].abs().sort_values(ascending=False).index[:top]).iloc[::-1])
+    fig, axes = plt.subplots(1, len(metrics), squeeze=False,
+                             figsize=(7 * len(metrics), max(2.5, 0.22 * max(len(x) for x in subs) + 1.2)))
+    for ax, m, sub in zip(axes[0], metrics, subs):
+        if sub.empty:
+            ax.set_axis_off()
+            continue
+        k = 1.0 if m.split("/")[-1] == "ppl" else 100.0
+        ys = np.arange(len(sub))
+        sig = sub["significant"].fillna(False).astype(bool).to_numpy()
+        d, lo, hi = (sub[c].astype(float).to_numpy() * k for c in ("diff", "ci_low", "ci_high"))
+        ax.errorbar(d, ys, xerr=np.vstack([(d - lo).clip(min=0), (hi - d).clip(min=0)]), fmt="none",
+                    ecolor="0.4", elinewidth=0.8, capsize=2)
+        ax.scatter(d[sig], ys[sig], color="tab:blue", s=18, zorder=3, label="p_adj < 0.05")
+        ax.scatter(d[~sig], ys[~sig], facecolors="white", edgecolors="tab:blue", s=18, zorder=3, label="not distinguishable")
+        ax.axvline(0, color="k", lw=0.8)
+        one_model = sub["model"].nunique() == 1
+        ax.set_yticks(ys, [f"{a} vs {b}" if one_model else f"{mo}/{a} vs {b}"
+                           for mo, a, b in zip(sub["model"], sub["a"], sub["b"])], fontsize=6)
+        ax.set_xlabel(f"{m}: a − b" + (" (points)" if k == 100 else ""), fontsize=8)
+        ax.set_title(m + (" (lower is better)" if not higher_is_better(m) else ""), fontsize=9)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    return fig
 
 def heatmap_table(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     """model x (strategy / merge) table of each cell's final artefact (:func:`final_artefacts`),

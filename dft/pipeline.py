@@ -29,6 +29,7 @@ from dft import DftError
 from dft.config import STAGE_SPLIT, validate
 from dft.keys import flat_config, uniform_metrics
 from dft.runs import StageCache, canonical_hash, file_digest, link, meta, read_json, write_json
+from dft.stats import UNCERTAINTY_SUFFIXES, is_uncertainty_key
 
 log = logging.getLogger("dft")
 
@@ -40,7 +41,9 @@ STAGE_PREP_VERSION = 3  # 3: truncation policy, CPT document-end token, ORPO tok
 #: Part of every evaluation's cache key. Bump it when a change to dft/evaluation can move a
 #: number (scoring, prompt, batching that changes float rounding): cached evaluations are then
 #: redone instead of mixed with the new code's. 2: shared-prefix KV cache and eval precision.
-EVAL_VERSION = 2
+#: 3: perplexity with the family's BOS per document, per-block NLL kept; stderr and 95 % intervals
+#: of every accuracy (dft.stats)
+EVAL_VERSION = 3
 
 #: fields of model config that change how a stage trains (part of every lineage)
 MODEL_LINEAGE_KEYS = ("pad_token", "eos_tokens", "chat_template", "system_policy", "max_length", "dtype")
@@ -122,7 +125,9 @@ class Cell:
             require_split(cfg.data, split, stage)
             if split not in rows:
                 rows[split] = load_split(cfg.data, split, cfg.model)  # family template rules too
-        self.benchmarks = {b: load_benchmark(cfg.data, b)[: cfg.eval.max_items or None] for b in cfg.eval.benchmarks}
+        full = {b: load_benchmark(cfg.data, b) for b in cfg.eval.benchmarks}
+        self.benchmark_sizes = {b: len(v) for b, v in full.items()}  # for the power line (eval=full sizes)
+        self.benchmarks = {b: v[: cfg.eval.max_items or None] for b, v in full.items()}
         self.heldout = None
         if cfg.eval.perplexity:
             if cfg.data.heldout_text is None:
@@ -215,14 +220,19 @@ class Cell:
                                max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
             rec = {"benchmark": bench, "artefact": art.name, **precision, **rec}
             write_json(tmp / f"{bench}.json", rec)
+            metrics[f"{bench}/n"] = rec["n"]
             for k in ("acc", "acc_ll"):
-                if rec[k] is not None:
+                if rec[k] is not None:  # the point estimate, then its stderr and 95 % Wilson interval
                     metrics[f"{bench}/{k}"] = rec[k]
+                    for suffix in UNCERTAINTY_SUFFIXES:
+                        metrics[f"{bench}/{k}{suffix}"] = rec[f"{k}{suffix}"]
         if self.heldout is not None:
             ppl = perplexity(model, tok, self.heldout, block=cfg.eval.ppl_block, max_tokens=cfg.eval.ppl_max_tokens,
                              batch_size=cfg.eval.ppl_batch_size or max(1, cfg.eval.batch_size // 4))
             write_json(tmp / "perplexity.json", {"artefact": art.name, **precision, **ppl})
             metrics["ppl"] = ppl["ppl"]
+            for suffix in UNCERTAINTY_SUFFIXES:  # bootstrap over token blocks
+                metrics[f"ppl{suffix}"] = ppl[suffix[1:]]
         if cfg.eval.chat:
             from dft.evaluation.chat import run_chat
 
@@ -237,7 +247,7 @@ class Cell:
         shutil.rmtree(cache_dir, ignore_errors=True)
         os.replace(tmp, cache_dir)
         log.info("evaluated %s in %.0f s: %s", art.name, time.time() - t0,
-                 ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+                 ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not is_uncertainty_key(k)))
         del model
         return metrics
 
@@ -426,6 +436,11 @@ class Cell:
                 self.tracker.summary(summary["metrics"])
                 if summary["synergy"]:
                     self.tracker.table("synergy", summary["synergy"])
+                if summary["comparisons"]:
+                    from dft.evaluation.compare import COMPARISON_FIELDS
+
+                    self.tracker.table("comparisons", [{k: c.get(k) for k in COMPARISON_FIELDS}
+                                                       for c in summary["comparisons"]])
             print_table(summary)
             ok = True
             return summary["objective"]
@@ -458,20 +473,30 @@ class Cell:
         return box[0]
 
     def summary(self, merges: list[Artefact], partner: Optional[Artefact]) -> dict:
+        """``summary.json`` (docs/CONTRACTS.md): identity, artefacts with metrics (each with its
+        stderr and 95 % interval), train facts, paired ``comparisons``
+        (:func:`dft.evaluation.compare.cell_comparisons`), synergy with the interval and p of
+        merged vs the mean of its parents, flat ``metrics`` (also the W&B summary)."""
+        from dft.evaluation.compare import cell_comparisons
         from dft.merging import synergy
         from dft.plan import evaluates
 
         cfg = self.cfg
         metrics = {f"eval/{a.name}/{k}": v for a in self.artefacts for k, v in a.metrics.items()}
+        comparisons = cell_comparisons(self.run_dir / "eval", [a.record() for a in self.artefacts],
+                                       list(cfg.eval.benchmarks)) if evaluates(cfg) else []
+        vs_mean = {(c["a"], c["metric"]): c for c in comparisons if c["kind"] == "merge_vs_mean_of_parents"}
         syn = []
         by_name = {a.name: a for a in self.artefacts}
         for m in merges:
             p1, p2 = by_name[m.parents[0]], partner
             for metric, v in m.metrics.items():
-                if metric == "ppl" or metric not in p1.metrics or metric not in p2.metrics:
+                if metric == "ppl" or is_uncertainty_key(metric) or metric not in p1.metrics or metric not in p2.metrics:
                     continue
+                c = vs_mean.get((m.name, metric), {})
                 row = {"merged": m.name, "parent_1": p1.name, "parent_2": p2.name, "metric": metric,
-                       **synergy(p1.metrics[metric], p2.metrics[metric], v)}
+                       **synergy(p1.metrics[metric], p2.metrics[metric], v),
+                       "ci_low": c.get("ci_low"), "ci_high": c.get("ci_high"), "p": c.get("p")}
                 syn.append(row)
                 for k in ("expected", "deviation", "improvement", "diversity"):
                     metrics[f"synergy/{m.name}/{metric}/{k}"] = row[k]
@@ -488,7 +513,7 @@ class Cell:
             "eval_dtype": self.eval_precision()["dtype"] if evaluates(cfg) else None,
             "device": self.device,
             "artefacts": [a.record() for a in self.artefacts],
-            "train": train, "synergy": syn,
+            "train": train, "synergy": syn, "comparisons": comparisons,
             "kinship": {m.name: getattr(m, "kinship", None) for m in merges if getattr(m, "kinship", None)},
             "metrics": {**metrics, **uniform_metrics([a.record() for a in self.artefacts])},  # + start/ trained/ merged/ final/ delta/
             "objective": cell_objective(self.artefacts, list(cfg.eval.benchmarks)),
@@ -528,6 +553,11 @@ class Cell:
                                              AutoConfig.from_pretrained(start_path)))
         except Exception as e:  # noqa: BLE001 - the estimate is informative only
             log.debug("memory estimate unavailable: %s", e)
+        from dft.plan import format_power, power_plan
+
+        pw = format_power(power_plan({b: len(v) for b, v in self.benchmarks.items()}, self.benchmark_sizes))
+        if pw:
+            lines.append("  " + pw)
         for ln in lines:
             log.info(ln)
 
@@ -541,24 +571,57 @@ class Cell:
         dry_run(self)
 
 
+def format_value(metric: str, m: dict) -> str:
+    """``m[metric]`` with its 95 % interval when recorded: ``45.0% [25.8, 65.8]`` (accuracy, in
+    %) or ``12.345 [11.9, 12.8]`` (perplexity); empty when absent."""
+    v = m.get(metric)
+    if v is None:
+        return ""
+    lo, hi = m.get(f"{metric}_ci_low"), m.get(f"{metric}_ci_high")
+    if metric.split("/")[-1] == "ppl":
+        return f"{v:.3f}" + (f" [{lo:.1f}, {hi:.1f}]" if lo is not None and hi is not None else "")
+    return f"{100 * v:.1f}%" + (f" [{100 * lo:.1f}, {100 * hi:.1f}]" if lo is not None and hi is not None else "")
+
+
 def print_table(summary: dict) -> None:
-    """Print one row per artefact with its metrics (accuracy in %, perplexity)."""
+    """Print one row per artefact with its metrics (accuracy in %, perplexity), each with its 95 %
+    interval, then the paired comparisons with p < 0.05 (before multiplicity
+    correction; ``python -m dft.report`` applies Holm over a sweep)."""
     arts = summary.get("artefacts", [])
-    keys = sorted({k for a in arts for k in a["metrics"]}, key=lambda k: (k == "ppl", k))
+    keys = sorted({k for a in arts for k in a["metrics"] if not is_uncertainty_key(k)}, key=lambda k: (k == "ppl", k))
     if not keys:
         return
     w = max([len(a["name"]) for a in arts] + [8])
-    head = f"{'artefact':<{w}}  " + "  ".join(f"{k:>18}" for k in keys)
+    cols = {k: max([len(k)] + [len(format_value(k, a["metrics"])) for a in arts]) for k in keys}
+    head = f"{'artefact':<{w}}  " + "  ".join(f"{k:>{cols[k]}}" for k in keys)
     print("\n" + head + "\n" + "-" * len(head))
     for a in arts:
-        cells = []
-        for k in keys:
-            v = a["metrics"].get(k)
-            cells.append(f"{'':>18}" if v is None else (f"{v:>18.3f}" if k == "ppl" else f"{100 * v:>17.1f}%"))
-        print(f"{a['name']:<{w}}  " + "  ".join(cells))
+        print(f"{a['name']:<{w}}  " + "  ".join(f"{format_value(k, a['metrics']):>{cols[k]}}" for k in keys))
     where = f"; evaluated in {summary['eval_dtype']} on {summary.get('device', '?')}" if summary.get("eval_dtype") else ""
     print(f"(acc: greedy answer, exact-match letter; acc_ll: log-likelihood over option letters; ppl: held-out "
-          f"perplexity, nats->exp, per token{where})\nsummary: {Path(summary.get('run_dir', '.')) / 'summary.json'}\n")
+          f"perplexity, nats->exp, per token{where}; [95 % interval]: Wilson for accuracies, bootstrap over "
+          f"token blocks for ppl)")
+    sizes = {k.rsplit("/", 1)[0]: int(v) for a in arts for k, v in a["metrics"].items() if k.endswith("/n") and v}
+    if sizes:
+        from dft.stats import DEFAULT_DISCORDANCE, min_detectable_difference
+
+        by_n: dict[int, list[str]] = {}
+        for b, n in sizes.items():
+            by_n.setdefault(n, []).append(b)
+        parts = [f"with {n} items ({', '.join(bs)}) accuracy differences under ~{100 * (min_detectable_difference(n) or 1):.0f} "
+                 f"points" for n, bs in sorted(by_n.items())]
+        print(f"{'; '.join(parts)} are noise (paired test, 80 % power, alpha 0.05, {100 * DEFAULT_DISCORDANCE:.0f} % of "
+              f"items assumed discordant)")
+    comps = summary.get("comparisons") or []
+    if comps:
+        sig = [c for c in comps if c.get("p") is not None and c["p"] < 0.05]
+        print(f"paired comparisons: {len(comps)}, {len(sig)} with p < 0.05 before correcting for multiplicity"
+              + (":" if sig else ""))
+        for c in sig:
+            scale, unit = (1, "") if c["metric"] == "ppl" else (100, " points")
+            print(f"  {c['a']} vs {c['b']} on {c['metric']}: {scale * c['diff']:+.1f}{unit} "
+                  f"[{scale * c['ci_low']:.1f}, {scale * c['ci_high']:.1f}], p = {c['p']:.2g} ({c['test']})")
+    print(f"summary: {Path(summary.get('run_dir', '.')) / 'summary.json'}\n")
 
 
 def run_cell(cfg: DictConfig, run_dir: Path, cell: str) -> Optional[float]:

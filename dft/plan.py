@@ -394,6 +394,7 @@ def make_plan(cell: Any) -> dict:
         "rows": {k: len(v) for k, v in rows.items()},
         "stages": stages, "merges": merges, "evals": [e for e in evals if e],
         "mergekit_config": "valid" if mergekit_ok else None,
+        "power": power_plan({b: len(v) for b, v in cell.benchmarks.items()}, getattr(cell, "benchmark_sizes", None)),
         "assumptions": {"gpu_peak_tflops": float(cfg.plan.gpu_peak_tflops), "mfu": float(cfg.plan.mfu),
                         "chars_per_token": float(cfg.plan.chars_per_token),
                         "world_size": max(1, int(cfg.launcher.tasks_per_node or 1)), "formula": FORMULA},
@@ -464,6 +465,43 @@ def _yn(v: Optional[bool]) -> str:
     return "?" if v is None else ("yes" if v else "no")
 
 
+def power_plan(sizes: dict[str, int], full_sizes: Optional[dict[str, int]] = None) -> Optional[dict]:
+    """The smallest accuracy difference a paired test detects, per benchmark, before any compute.
+
+    ``sizes``: items per benchmark as configured (``eval.max_items`` applied); ``full_sizes``: the
+    benchmark files' item counts (``eval=full``). Uses :func:`dft.stats.min_detectable_difference`
+    (80 % power, alpha 0.05, two-sided) with the assumed discordance
+    :data:`dft.stats.DEFAULT_DISCORDANCE` (no two artefacts are evaluated yet, so none is
+    measured). Returns ``{"power", "alpha", "discordance", "benchmarks": {b: {"n", "mdd", "n_full",
+    "mdd_full"}}}`` (differences as fractions), or None without benchmarks.
+    """
+    from dft.stats import ALPHA, DEFAULT_DISCORDANCE, min_detectable_difference
+
+    if not sizes:
+        return None
+    full_sizes = full_sizes or sizes
+    return {"power": 0.8, "alpha": ALPHA, "discordance": DEFAULT_DISCORDANCE,
+            "benchmarks": {b: {"n": n, "mdd": min_detectable_difference(n), "n_full": full_sizes.get(b, n),
+                               "mdd_full": min_detectable_difference(full_sizes.get(b, n))} for b, n in sizes.items()}}
+
+
+def format_power(power: Optional[dict]) -> Optional[str]:
+    """One line from :func:`power_plan`: ``power: ... mascqa 30 points (20 items) ...``."""
+    if not power:
+        return None
+
+    def pts(v):
+        return "-" if v is None else f"{100 * v:.0f}" if v >= 0.1 else f"{100 * v:.1f}"
+
+    bs = power["benchmarks"]
+    now = ", ".join(f"{b} {pts(x['mdd'])} ({x['n']} items)" for b, x in bs.items())
+    line = (f"power: a paired test (80 % power, alpha {power['alpha']:g}, assuming {100 * power['discordance']:.0f} % of "
+            f"items answered differently) detects accuracy differences of at least {now} points")
+    if any(x["n_full"] != x["n"] for x in bs.values()):
+        line += "; with every item (eval=full): " + ", ".join(f"{b} {pts(x['mdd_full'])} ({x['n_full']})" for b, x in bs.items())
+    return line + "; recipes closer than that are not separable"
+
+
 def format_cell(plan: dict) -> str:
     """The plan of one cell as text (printed by the dry run)."""
     a = plan["assumptions"]
@@ -487,6 +525,9 @@ def format_cell(plan: dict) -> str:
                  f"({', '.join(sorted({s['trl_config'] for s in plan['stages']})) or 'no stage'})")
     lines.append(f"  GPU-hours to train: {_gh(plan['gpu_hours']['to_train'])} (whole chain {_gh(plan['gpu_hours']['chain'])}); "
                  f"peak {a['gpu_peak_tflops']:g} TFLOP/s x MFU {a['mfu']:g}, {a['world_size']} GPU(s) per stage")
+    pw = format_power(plan.get("power"))
+    if pw:
+        lines.append("  " + pw)
     return "\n".join(lines)
 
 

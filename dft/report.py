@@ -8,7 +8,12 @@ for several):
   printed with ``--digits`` decimals) and their improvement over the family baseline (%);
 * the paper's bar charts (each variant relative to the baseline), synergy plot (merged vs
   expected, y = x), a model x strategy x merge heatmap and training-loss curves per stage;
-* rankings, the synergy table, training statistics;
+* every number with its 95 % interval (``metric [low, high]``) and figures with error bars;
+* the paired comparisons of the sweep (each stage vs its parent, each merge vs each parent and vs
+  the mean of its parents) Holm-corrected over the sweep, with one plain sentence per claim;
+* seeds as replicates: cells that differ only in ``seed`` as mean [95 % interval] over seeds,
+  between-seed vs item-sampling spread;
+* rankings, the synergy table (with interval and adjusted p), training statistics;
 * open-ended judge scores, only where ``eval/<artefact>/judge.json`` files exist (with links to
   the transcripts ``eval/<artefact>/chat.json``).
 """
@@ -64,6 +69,26 @@ def markdown_table(df: pd.DataFrame, digits: int = 4, formats: dict | None = Non
         cells = [formats[c](v) if c in formats else fmt(v, digits) for c, v in zip(df.columns, row)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def with_interval(v, lo, hi, digits: int = 4) -> str:
+    """``0.4500 [0.2582, 0.6579]``: a value and its 95 % interval (just the value when no interval
+    is recorded; an en dash when there is no value)."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if lo is None or hi is None or any(isinstance(x, float) and math.isnan(x) for x in (lo, hi)):
+        return fmt(v, digits)
+    return f"{fmt(v, digits)} [{fmt(lo, digits)}, {fmt(hi, digits)}]"
+
+
+def interval_frame(df: pd.DataFrame, metrics: Sequence[str], digits: int = 4) -> pd.DataFrame:
+    """``df[metrics]`` as ``metric [95 % CI]`` strings (:func:`with_interval`)."""
+    out = pd.DataFrame(index=df.index)
+    for m in metrics:
+        lo, hi = A.interval_columns(df, m)
+        out[m] = [with_interval(v, a, b, digits) for v, a, b in zip(
+            df[m], df[lo] if lo else [None] * len(df), df[hi] if hi else [None] * len(df))]
+    return out
 
 
 def pct(v) -> str:
@@ -171,12 +196,27 @@ def build_report(sweeps, out: str | os.PathLike | None = None, metrics: Sequence
             ", ".join(f"{k}: {v} cell{'s' if v != 1 else ''}" for k, v in precisions.items()) +
             "). bf16 rounding decides near-tie items, so their scores are not comparable item by item "
             "(bench/eval_precision.py); rerun with one `eval.dtype`.\n")
+    missing_unc = A.missing_uncertainty(df)
+    if missing_unc["intervals"] or missing_unc["comparisons"]:
+        n_i, n_c = len(missing_unc["intervals"]), len(missing_unc["comparisons"])
+        add(f"**Note: {n_i} cell(s) have no intervals and {n_c} cell(s) no paired comparisons in their "
+            "`summary.json`** (written by a dft before they were recorded); their numbers are shown bare "
+            "and they take no part in the tests below. Rerun them (the evaluation cache is keyed by "
+            "`EVAL_VERSION`, so `python -m dft.train` with the same overrides and `force=true` recomputes them). "
+            "Cells: " + ", ".join(f"`{Path(c).name}`" for c in sorted(set(missing_unc["intervals"] + missing_unc["comparisons"]))[:10])
+            + (" ..." if len(set(missing_unc["intervals"] + missing_unc["comparisons"])) > 10 else "") + "\n")
+    if not all_metrics:
+        add("_No evaluation metrics in these summaries (eval=none, or nothing finished evaluating): "
+            "no results, comparisons or figures._\n")
+        return _finish_without_metrics(md, df, uniq, multi, digits, out)
     add("Units: accuracies are fractions of items answered correctly (`acc`: exact-match letter of "
         "the greedy answer, the paper's protocol; `acc_ll`: argmax log-likelihood over the option "
         "letters); `ppl` is the perplexity of the held-out domain text (lower is better). "
         "Relative improvements are in % of the baseline, positive = better (perplexity inverted). "
         "Baseline: the family's instruct model, or the cell's own start model in a family "
-        "without an instruct cell (see `dft.analysis.relative_to_baseline`).\n")
+        "without an instruct cell (see `dft.analysis.relative_to_baseline`). `x [a, b]`: the value and its "
+        "95 % interval (Wilson for an accuracy, bootstrap over token blocks for `ppl`); with `eval=quick`'s 20 "
+        "items per benchmark one item moves an accuracy by 5 points and the interval is about ±20 points wide.\n")
 
     # -- results
     rel = df
@@ -187,7 +227,8 @@ def build_report(sweeps, out: str | os.PathLike | None = None, metrics: Sequence
     add("Each distinct artefact once (the shared start model and cached chain prefixes appear in "
         "several cells; `cell` names the first). Values as in `summary.json`.\n")
     id_cols = (["sweep"] if multi else []) + ["family", "model", "strategy", "merge", "artefact", "kind", "cell"]
-    add(markdown_table(rel_u[id_cols + all_metrics].reset_index(drop=True), digits))
+    res = pd.concat([rel_u[id_cols], interval_frame(rel_u, all_metrics, digits)], axis=1)
+    add(markdown_table(res.reset_index(drop=True), digits, formats={m: str for m in all_metrics}))
     add("### Relative to the baseline\n")
     relcols = {f"{m}:relative": f"{m} vs baseline" for m in all_metrics}
     tab = rel_u[id_cols[:-1] + ["baseline_of"] + list(relcols)].rename(columns=relcols)
@@ -198,6 +239,54 @@ def build_report(sweeps, out: str | os.PathLike | None = None, metrics: Sequence
     for m in metrics:
         f = _save(A.plot_relative(rel, m), out / f"relative_{A.slug(m)}.png")
         add(f"![{m} relative to the baseline]({f})\n")
+
+    # -- paired comparisons, Holm over the sweep
+    add("## Paired comparisons (Holm-corrected)\n")
+    comp = A.comparisons_table(df)
+    if comp.empty:
+        add("_No paired comparisons recorded in these summaries._\n")
+    else:
+        n_sig = int(comp["significant"].fillna(False).astype(bool).sum())
+        add(f"{len(comp)} distinct comparisons (each stage vs its parent, each merge vs each parent and vs the mean "
+            "of its parents; items matched one by one). `diff` = a − b with its 95 % paired bootstrap interval; "
+            "`p`: exact McNemar test (accuracies) or paired bootstrap (mean of parents, `ppl`); `p_adj`: Holm over all "
+            f"of the sweep's comparisons. **{n_sig} of {len(comp)} survive at α = 0.05.** The intervals are per "
+            "comparison, not adjusted: an interval that excludes 0 with `p_adj` ≥ 0.05 is not a finding once the "
+            "sweep's number of comparisons is accounted for.\n")
+        mc = comp[comp["test"] == "mcnemar_exact"].dropna(subset=["n10", "n01"])
+        if not mc.empty:
+            disc = ((mc["n10"] + mc["n01"]) / mc["n"]).astype(float)
+            add(f"Measured discordance (items two compared artefacts answer differently, one right and one wrong): "
+                f"median {100 * disc.median():.0f} % (the dry run's power line assumes 30 %).\n")
+        add("### Claims\n")
+        lines = A.merge_claims(comp) + [r["claim"] for r in comp[comp["kind"] != "merge_vs_parent"].to_dict("records")]
+        for line in sorted(lines, key=lambda t: " is not distinguishable " in t):  # claims that survive first
+            add(f"- {line}")
+        add("")
+        t = comp.assign(**{"diff [95 % CI]": [with_interval(d, lo, hi, digits) for d, lo, hi in
+                                             zip(comp["diff"], comp["ci_low"], comp["ci_high"])]})
+        ccols = (["sweep"] if multi else []) + ["model", "cell", "kind", "a", "b", "metric", "a_value", "b_value",
+                                               "diff [95 % CI]", "n", "test", "p", "p_adj", "significant"]
+        add(markdown_table(t[ccols].reset_index(drop=True), digits, formats={"diff [95 % CI]": str}))
+        sig_metrics = [m for m in metrics if m in set(comp["metric"])]
+        if sig_metrics:
+            f = _save(A.plot_comparisons(comp, sig_metrics), out / "comparisons.png")
+            add(f"![paired comparisons]({f})\n")
+
+    # -- seeds as replicates
+    seeds = A.seed_table(df, all_metrics)
+    if not seeds.empty:
+        add("## Seeds as replicates\n")
+        add("Cells that differ only in `seed`: the mean over seeds with a 95 % two-level bootstrap interval "
+            "(resample seeds, then items within each seed; `levels`), `seed_sd` = the spread between seeds (SD of "
+            "the per-seed values), `item_se` = the item-sampling spread of one seed's value (binomial standard "
+            "error). `seed_sd` well above `item_se` means the training seed, not the choice of items, moves the "
+            "number.\n")
+        st = seeds.assign(**{"mean [95 % CI]": [with_interval(v, lo, hi, digits) for v, lo, hi in
+                                                zip(seeds["mean"], seeds["ci_low"], seeds["ci_high"])]})
+        scols = (["sweep"] if multi else []) + ["model", "group", "artefact", "metric", "seeds", "mean [95 % CI]",
+                                               "seed_sd", "item_se", "levels"]
+        add(markdown_table(st[scols].reset_index(drop=True), digits, formats={"mean [95 % CI]": str}))
 
     # -- rankings
     add("## Rankings\n")
@@ -227,16 +316,43 @@ def build_report(sweeps, out: str | os.PathLike | None = None, metrics: Sequence
     else:
         add("Expected = mean of the two parents' scores; deviation = merged − expected (above the "
             "y = x line: the merge beats its parents' mean; for perplexity, below is better). "
-            "Values as in `summary.json[\"synergy\"]`.\n")
+            "Values as in `summary.json[\"synergy\"]`; `deviation [95 % CI]` and `p`: paired bootstrap of merged − "
+            "mean of parents over items; `p_adj`: Holm over the sweep (section above). Error bars: that interval.\n")
         f = _save(A.plot_synergy(syn, [m for m in metrics if m in set(syn["metric"])] or None),
                   out / "synergy.png")
         add(f"![synergy]({f})\n")
+        # the deviation's Holm-adjusted p: the merge_vs_mean_of_parents comparison of the same merge (matched by
+        # model, merged artefact, metric and value: the deduplicated comparison may come from another cell)
+        padj = {}
+        if not comp.empty:
+            for r in comp[comp["kind"] == "merge_vs_mean_of_parents"].to_dict("records"):
+                padj[(r["model"], r["a"], r["metric"], round(float(r["diff"]), 9))] = r["p_adj"]
+        syn = syn.assign(**{
+            "deviation [95 % CI]": [with_interval(d, lo, hi, digits) for d, lo, hi in
+                                    zip(syn["deviation"], syn["ci_low"], syn["ci_high"])],
+            "p_adj": [padj.get((m, a, k, round(float(d), 9))) for m, a, k, d in zip(syn["model"], syn["merged"],
+                                                                                    syn["metric"], syn["deviation"])]})
         cols = (["sweep"] if multi else []) + ["model", "strategy", "cell", "merged", "parent_1", "parent_2",
                                                "metric", "p1", "p2", "expected", "merged_score", "deviation",
-                                               "improvement", "diversity"]
+                                               "deviation [95 % CI]", "p", "p_adj", "improvement", "diversity"]
         cols += [c for c in syn.columns if c.startswith("kinship_")]
-        add(markdown_table(syn[cols], digits))
+        add(markdown_table(syn[cols], digits, formats={"deviation [95 % CI]": str}))
 
+    _training_and_judge(md, df, uniq, multi, digits, out)
+    path = out / "report.md"
+    path.write_text("\n".join(md))
+    return path
+
+
+def _finish_without_metrics(md, df, uniq, multi, digits, out) -> Path:
+    _training_and_judge(md, df, uniq, multi, digits, out)
+    path = out / "report.md"
+    path.write_text("\n".join(md))
+    return path
+
+
+def _training_and_judge(md: list, df, uniq, multi: bool, digits: int, out: Path) -> None:
+    add = md.append
     # -- training
     add("## Training\n")
     hist = A.train_histories(df)
@@ -266,10 +382,6 @@ def build_report(sweeps, out: str | os.PathLike | None = None, metrics: Sequence
         cols = (["sweep"] if multi else []) + ["model", "strategy", "merge", "artefact", "total", "max_total",
                                                "normalised"] + crit + ["chat"]
         add(markdown_table(j[cols], digits, formats={"chat": str}))
-
-    path = out / "report.md"
-    path.write_text("\n".join(md))
-    return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:

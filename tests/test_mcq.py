@@ -84,7 +84,16 @@ def test_loglik_and_greedy_pick_the_certain_option(tiny_model):
     assert [r["pred_ll"] for r in rec["items"]] == ["C"] * 6
     assert [r["pred"] for r in rec["items"]] == ["C"] * 6
     assert rec["acc_ll"] == pytest.approx(0.5) and rec["acc"] == pytest.approx(0.5)
-    assert rec["by_category"]["phase"] == {"n": 3, "acc": pytest.approx(2 / 3), "acc_ll": pytest.approx(2 / 3)}
+    from statsmodels.stats.proportion import proportion_confint
+
+    lo, hi = proportion_confint(2, 3, method="wilson")
+    se = math.sqrt((2 / 3) * (1 / 3) / 2)  # sem of [1, 1, 0], ddof=1
+    assert rec["by_category"]["phase"] == {
+        "n": 3, "acc": pytest.approx(2 / 3), "acc_stderr": pytest.approx(se), "acc_ci_low": pytest.approx(lo),
+        "acc_ci_high": pytest.approx(hi), "acc_ll": pytest.approx(2 / 3), "acc_ll_stderr": pytest.approx(se),
+        "acc_ll_ci_low": pytest.approx(lo), "acc_ll_ci_high": pytest.approx(hi)}
+    lo6, hi6 = proportion_confint(3, 6, method="wilson")
+    assert (rec["n"], rec["acc_ll_ci_low"], rec["acc_ll_ci_high"]) == (6, pytest.approx(lo6), pytest.approx(hi6))
     assert [r["id"] for r in rec["items"]] == [str(i) for i in range(6)]  # item order kept despite length sorting
 
 
@@ -99,19 +108,25 @@ def test_perplexity_is_exp_of_mean_token_nll(tiny_model):
     r = perplexity(model, tok, docs, block=8, batch_size=3, progress=False)
     # reference: one pass per block, mean NLL over all predicted tokens
     stream = []
-    for d in docs:
+    for d in docs:  # SmolLM2 has no BOS: the tokenizer adds no special token to raw text
         stream += tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     nll, n = 0.0, 0
+    block_nll = []
     with torch.no_grad():
         for i in range(0, len(stream) - 1, 8):
             b = torch.tensor(stream[i:i + 8])[None]
             if b.shape[1] < 2:
                 continue
             lp = torch.log_softmax(model(input_ids=b).logits[0, :-1].float(), -1)
-            nll -= float(lp.gather(-1, b[0, 1:, None]).sum())
+            block_nll.append(-float(lp.gather(-1, b[0, 1:, None]).sum()))
+            nll += block_nll[-1]
             n += b.shape[1] - 1
     assert r["n_tokens"] == n and r["n_docs"] == 2
     assert r["ppl"] == pytest.approx(math.exp(nll / n), rel=1e-4)
+    # per-block sums kept for the bootstrap over blocks; the interval holds the estimate
+    assert r["n_blocks"] == len(block_nll) == len(r["blocks"]["tokens"]) and sum(r["blocks"]["tokens"]) == n
+    assert r["blocks"]["nll"] == pytest.approx(block_nll, rel=1e-4)
+    assert r["ci_low"] < r["ppl"] < r["ci_high"] and r["stderr"] > 0
 
 
 def test_embedded_model_quick_eval_is_deterministic_and_above_zero(embedded_model):

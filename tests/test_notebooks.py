@@ -58,6 +58,11 @@ def test_notebook_executes(path, fixture_sweeps, tmp_path, monkeypatch):
     client.execute()  # raises CellExecutionError with the failing cell's traceback
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
+    text = "\n".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", "")) for o in outputs)
+    if path.name == "explore_sweep.ipynb":  # intervals, Holm and the plot's error bars are shown
+        assert "comparisons survive Holm at 0.05" in text and "matsci_mcq/acc_ci_low" in text
+    else:
+        assert "survive Holm" in text
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 4, "the figures were drawn"
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")

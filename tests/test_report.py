@@ -2,7 +2,7 @@
 
 The fixture writes summary.json / eval JSON in the exact docs/CONTRACTS.md formats with made-up
 numbers; every expected value below is read back from those files independently of dft.analysis.
-(A test on a real tiny-model sweep is to come once the training path produces one.)
+``test_real_tiny_sweep_with_two_seeds`` runs a real two-seed tiny-model sweep instead.
 """
 
 from __future__ import annotations
@@ -225,8 +225,14 @@ def test_report_results_table_equals_summaries(report, sweeps):
     for r in tab.to_dict("records"):
         art = next(a for a in sums[r["cell"]]["artefacts"] if a["name"] == r["artefact"])
         assert r["model"] == sums[r["cell"]]["model"] and r["kind"] == art["kind"]
-        for metric, value in art["metrics"].items():
-            assert r[metric] == f"{value:.4f}", (r["cell"], r["artefact"], metric)
+        m = art["metrics"]
+        for metric, value in m.items():
+            if metric.endswith(("_stderr", "_ci_low", "_ci_high", "/n")):
+                assert metric not in r  # shown inside the metric's cell, not as columns
+                continue
+            # `metric [95 % CI]`, the interval as summary.json records it
+            expected = f"{value:.4f} [{m[metric + '_ci_low']:.4f}, {m[metric + '_ci_high']:.4f}]"
+            assert r[metric] == expected, (r["cell"], r["artefact"], metric)
 
 
 def test_report_synergy_and_training_tables_equal_summaries(report, sweeps):
@@ -304,3 +310,135 @@ def test_report_warns_when_cells_were_evaluated_in_different_precisions(tmp_path
     del s["eval_dtype"]  # a summary written before eval.dtype existed: left out, no warning
     files[0].write_text(json.dumps(s))
     assert "different precisions" not in R.build_report(sweep, tmp_path / "one", progress=False).read_text()
+
+
+# --------------------------------------------------------------------------- uncertainty
+def test_comparisons_are_holm_corrected_over_the_sweep_with_one_sentence_per_claim(report, sweeps):
+    from statsmodels.stats.multitest import multipletests
+
+    comp = A.comparisons_table(sweeps[0])
+    sums = _summaries(sweeps[0])
+    recs = [c for s in sums.values() for c in s["comparisons"]]
+    assert 0 < len(comp) < len(recs)  # cached prefixes compared in several cells count once
+    _, p_adj, _, _ = multipletests(comp["p"].astype(float), method="holm")
+    assert comp["p_adj"].astype(float).tolist() == pytest.approx(list(p_adj))
+    assert comp["significant"].tolist() == [p < 0.05 for p in p_adj]
+    r = comp.iloc[0]
+    verdict = "not distinguishable from" if not r["significant"] else ("beats" if r["diff"] > 0 else "is worse than")
+    assert r["claim"].startswith(f"{r['model']}/{r['a']} {verdict}" if verdict != "not distinguishable from"
+                                 else f"{r['model']}/{r['a']} is not distinguishable from")
+    assert f"p_adj = {r['p_adj']:.2g}" in r["claim"]
+    _, text = report
+    sec = _section(text, "## Paired comparisons (Holm-corrected)")
+    assert f"**{int(sum(p < 0.05 for p in p_adj))} of {len(comp)} survive at α = 0.05.**" in sec
+    claims = [l for l in _section(text, "### Claims").splitlines() if l.startswith("- ")]
+    assert len(claims) >= len(comp[comp["kind"] != "merge_vs_parent"])
+    (syn,) = R.parse_markdown_tables(_section(text, "## Synergy of merges (expected vs actual)"))
+    row = syn.iloc[0]
+    rec = next(x for x in sums[row["cell"]]["synergy"] if x["merged"] == row["merged"] and x["metric"] == row["metric"])
+    assert row["deviation [95 % CI]"] == f"{rec['deviation']:.4f} [{rec['ci_low']:.4f}, {rec['ci_high']:.4f}]"
+    assert row["p"] == f"{rec['p']:.4f}" and row["p_adj"] != "–"
+    assert "comparisons.png" in text
+
+
+def test_claim_sentences():
+    base = {"model": "m", "a": "cpt_sft+slerp", "b": "cpt_sft", "metric": "mascqa/acc_ll", "kind": "merge_vs_parent"}
+    assert A.claim_sentence({**base, "diff": 0.041, "ci_low": 0.012, "ci_high": 0.07, "p_adj": 0.0123,
+                             "significant": True}) == \
+        "m/cpt_sft+slerp beats cpt_sft on mascqa/acc_ll: +4.1 points [1.2, 7.0], p_adj = 0.012"
+    assert A.claim_sentence({**base, "metric": "ppl", "diff": 1.5, "ci_low": 0.5, "ci_high": 2.5, "p_adj": 0.001,
+                             "significant": True}).startswith("m/cpt_sft+slerp is worse than cpt_sft on ppl: +1.5 ppl")
+    assert A.claim_sentence({**base, "kind": "merge_vs_mean_of_parents", "b": "mean(cpt_sft,start)", "diff": 0.0,
+                             "ci_low": 0.0, "ci_high": 0.0, "p_adj": 1.0, "significant": False}) == \
+        ("m/cpt_sft+slerp is not distinguishable from the mean of its parents (cpt_sft, start) on mascqa/acc_ll: "
+         "+0.0 points [0.0, 0.0], p_adj = 1")
+
+
+def test_seeds_are_aggregated_as_replicates(tmp_path):
+    from dft.stats import seed_bootstrap
+
+    sweep = sweep_builder.write_sweep(tmp_path, "seeds", families={"smollm2": {"base": "smollm2_135m"}},
+                                      strategies={"cpt_sft": ["cpt", "sft"]}, merges=("none",), seeds=(1, 2, 3))
+    df = A.load_sweep(sweep)
+    assert sorted(df["seed"].unique()) == [1, 2, 3]
+    seeds = A.seed_table(df)
+    row = seeds[(seeds["artefact"] == "cpt_sft") & (seeds["metric"] == ACC)].iloc[0]
+    vals = df[df["artefact"] == "cpt_sft"].sort_values("seed")[ACC].to_numpy()
+    ref = seed_bootstrap(vals, 40)
+    assert (row["n_seeds"], row["seeds"], row["levels"]) == (3, "1,2,3", "seeds, items")
+    assert (row["mean"], row["seed_sd"], row["item_se"]) == pytest.approx((ref["mean"], ref["seed_sd"], ref["item_se"]))
+    # the table's rows share one vectorised bootstrap: the same interval up to resampling noise
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((ref["ci_low"], ref["ci_high"]), abs=0.02)
+    assert A.seed_table(df).equals(seeds)  # fixed seed: reproducible
+    assert seeds[seeds["metric"] == "ppl"]["levels"].eq("seeds").all()
+    text = R.build_report(sweep, tmp_path / "out", progress=False).read_text()
+    (tab,) = R.parse_markdown_tables(_section(text, "## Seeds as replicates"))
+    t = tab[(tab["artefact"] == "cpt_sft") & (tab["metric"] == ACC)].iloc[0]
+    assert t["mean [95 % CI]"] == f"{row['mean']:.4f} [{row['ci_low']:.4f}, {row['ci_high']:.4f}]"
+
+
+def test_old_summaries_without_uncertainty_still_load_and_the_report_says_what_is_missing(tmp_path):
+    sweep = sweep_builder.write_sweep(tmp_path, "old", merges=("none", "slerp"), strategies={"cpt_sft": ["cpt", "sft"]},
+                                      uncertainty=False)
+    s = sweep_builder.read_summaries(sweep)
+    assert "comparisons" not in s[0] and "matsci_mcq/acc_ci_low" not in s[0]["artefacts"][0]["metrics"]
+    text = R.build_report(sweep, tmp_path / "out", progress=False).read_text()
+    assert f"**Note: {len(s)} cell(s) have no intervals and {len(s)} cell(s) no paired comparisons" in text
+    assert "_No paired comparisons recorded in these summaries._" in text
+    tab = R.parse_markdown_tables(_section(text, "## Results per artefact"))[0]
+    assert not tab[ACC].str.contains(r"\[").any()  # bare values: no interval was recorded
+
+
+def test_report_on_a_sweep_without_evaluation(tmp_path):
+    """issue 22 item 1: eval=none summaries (artefacts without metrics) crashed with KeyError 'baseline_of'."""
+    sweep = sweep_builder.write_sweep(tmp_path, "noeval", merges=("none",), strategies={"cpt_sft": ["cpt", "sft"]},
+                                      uncertainty=False)
+    for f in sweep.rglob("summary.json"):
+        s = json.loads(f.read_text())
+        for a in s["artefacts"]:
+            a["metrics"] = {}
+        s.update(synergy=[], metrics={}, eval="none", eval_dtype=None)
+        f.write_text(json.dumps(s))
+    assert R.main([str(sweep), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "_No evaluation metrics in these summaries (eval=none, or nothing finished evaluating)" in text
+    assert "## Training" in text and "Note:" not in text
+
+
+def test_real_tiny_sweep_with_two_seeds(tmp_path, tiny_model):
+    """A real two-seed sweep of the tiny model: seed aggregation, comparisons and Holm in the report."""
+    from conftest import run_train
+
+    run_train(["-m", "seed=1,2", "strategy=cpt", "merge=slerp", "model=tiny", "data=tiny", "logger=none",
+               "eval.benchmarks=[mascqa]", "eval.max_items=6", "eval.max_new_tokens=2", "eval.ppl_max_tokens=300",
+               "strategy.cpt.trainer.max_steps=1", "experiment=seeds"], tmp_path)
+    sweep = tmp_path / "seeds"
+    sums = sweep_builder.read_summaries(sweep)
+    assert sorted(s["seed"] for s in sums) == [1, 2]
+    text = R.build_report(sweep, tmp_path / "out", progress=False).read_text()
+    # seeds: one row per artefact and metric, two seeds each
+    (seeds,) = R.parse_markdown_tables(_section(text, "## Seeds as replicates"))
+    assert set(seeds["seeds"]) == {"1,2"} and {"start", "cpt", "cpt+slerp"} <= set(seeds["artefact"])
+    # the start model's evaluation does not depend on the seed: one cache entry, zero between-seed spread
+    starts = [next(a for a in s["artefacts"] if a["name"] == "start") for s in sums]
+    assert starts[0]["key"] == starts[1]["key"] and starts[0]["metrics"] == starts[1]["metrics"]
+    assert set(seeds[seeds["artefact"] == "start"]["seed_sd"]) == {"0.0000"}
+    # comparisons: cpt vs start and the merge vs both parents and their mean, per seed (distinct stages)
+    comp = A.comparisons_table(sweep)
+    assert {"stage_vs_parent", "merge_vs_parent", "merge_vs_mean_of_parents"} == set(comp["kind"])
+    assert comp["p_adj"].notna().all() and (comp["p_adj"].astype(float) >= comp["p"].astype(float) - 1e-12).all()
+    (tab,) = [t for t in R.parse_markdown_tables(_section(text, "## Paired comparisons (Holm-corrected)"))
+              if "p_adj" in t]
+    assert len(tab) == len(comp)
+    # a merge whose items equal its parent's (the 1-step tiny model barely moves) is not distinguishable
+    for s in sums:
+        cell = Path(s["run_dir"])
+        items = {a: [it["correct_ll"] for it in json.loads((cell / "eval" / a / "mascqa.json").read_text())["items"]]
+                 for a in ("cpt", "cpt+slerp")}
+        if items["cpt"] == items["cpt+slerp"]:
+            rec = next(c for c in s["comparisons"] if (c["a"], c["b"], c["metric"]) == ("cpt+slerp", "cpt", "mascqa/acc_ll"))
+            assert (rec["diff"], rec["p"], rec["n10"], rec["n01"]) == (0.0, 1.0, 0, 0)
+            assert "tiny/cpt+slerp is not distinguishable from its parents on mascqa/acc_ll: +0.0 points [0.0, 0.0] vs cpt" in text
+            break
+    else:
+        pytest.fail("no cell whose merge answered like its parent")

@@ -42,8 +42,10 @@ def test_chain_writes_every_artefact_and_a_summary(tiny_chain):
     assert s["eval_dtype"] == "float32"  # model.dtype=auto on CPU
     assert [a["name"] for a in s["artefacts"]] == ["start", "cpt", "cpt_sft", "cpt_sft_dpo", "cpt_sft_dpo+slerp"]
     for a in s["artefacts"]:
-        assert set(a["metrics"]) == {"mascqa/acc", "mascqa/acc_ll", "mmlu_stem/acc", "mmlu_stem/acc_ll",
-                                     "anatomy_mcq/acc", "anatomy_mcq/acc_ll", "ppl"}
+        unc = ("", "_stderr", "_ci_low", "_ci_high")  # every metric with its stderr and 95 % interval
+        assert set(a["metrics"]) == {f"{b}/{k}{u}" for b in ("mascqa", "mmlu_stem", "anatomy_mcq")
+                                     for k in ("acc", "acc_ll") for u in unc} | {
+            f"{b}/n" for b in ("mascqa", "mmlu_stem", "anatomy_mcq")} | {f"ppl{u}" for u in unc}
         assert 0 <= a["metrics"]["mascqa/acc_ll"] <= 1 and a["metrics"]["ppl"] > 1
         for bench in ("mascqa", "mmlu_stem", "anatomy_mcq"):
             rec = json.loads((cell / "eval" / a["name"] / f"{bench}.json").read_text())
@@ -74,7 +76,15 @@ def test_chain_writes_every_artefact_and_a_summary(tiny_chain):
     assert meta["packages"]["trl"] and meta["experiment"] == "e2e"
     assert list((cell / "wandb").glob("offline-run-*/run-*.wandb")), "no W&B offline run"
     assert "cpt_sft_dpo+slerp" in p.stdout  # the final table
-    assert "per token; evaluated in float32 on cpu)" in p.stdout
+    assert "per token; evaluated in float32 on cpu; [95 % interval]" in p.stdout
+    # paired comparisons: each stage vs its parent, the merge vs each parent and vs their mean
+    kinds = {(c["kind"], c["a"], c["b"]) for c in s["comparisons"] if c["metric"] == "mascqa/acc_ll"}
+    assert kinds == {("stage_vs_parent", "cpt", "start"), ("stage_vs_parent", "cpt_sft", "cpt"),
+                     ("stage_vs_parent", "cpt_sft_dpo", "cpt_sft"), ("merge_vs_parent", "cpt_sft_dpo+slerp", "cpt_sft_dpo"),
+                     ("merge_vs_parent", "cpt_sft_dpo+slerp", "start"),
+                     ("merge_vs_mean_of_parents", "cpt_sft_dpo+slerp", "mean(cpt_sft_dpo,start)")}
+    c = next(c for c in s["comparisons"] if c["kind"] == "merge_vs_mean_of_parents" and c["metric"] == "mascqa/acc_ll")
+    assert c["diff"] == pytest.approx(r["deviation"]) and (r["ci_low"], r["ci_high"], r["p"]) == (c["ci_low"], c["ci_high"], c["p"])
     assert "memory estimate per process (CPU)" in p.stdout + p.stderr and "training runs without bf16" in p.stdout + p.stderr
 
 
@@ -205,8 +215,12 @@ def test_report_and_notebooks_on_the_real_tiny_sweep(tiny_chain, tmp_path, monke
     for _, row in table.iterrows():
         s = summaries[row["cell"]]
         art = next(a for a in s["artefacts"] if a["name"] == row["artefact"])
-        for metric in ("mascqa/acc_ll", "ppl"):
-            assert float(row[metric]) == pytest.approx(art["metrics"][metric], abs=5e-5)
+        for metric in ("mascqa/acc_ll", "ppl"):  # `value [95 % CI]`
+            value, interval = row[metric].split(" [")
+            lo, hi = (float(x) for x in interval.rstrip("]").split(", "))
+            assert float(value) == pytest.approx(art["metrics"][metric], abs=5e-5)
+            assert (lo, hi) == pytest.approx((art["metrics"][f"{metric}_ci_low"], art["metrics"][f"{metric}_ci_high"]),
+                                             abs=5e-5)
             checked += 1
     assert checked >= 10
 

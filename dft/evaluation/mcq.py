@@ -180,8 +180,10 @@ def evaluate_mcq(model, tokenizer, model_cfg: Any, items: list[dict], *, eos_ids
                  batch_size: int = 16, prefix_cache: bool = True, progress: bool = True) -> dict:
     """Score MCQ ``items`` ({id, question, options, answer, category}); return the eval record.
 
-    Returns ``{"n", "acc", "acc_ll", "by_category": {cat: {n, acc, acc_ll}}, "items": [...],
-    "tokens"}``; accuracies are fractions in [0, 1] (None when that scoring is off). ``tokens``
+    Returns ``{"n", "acc", "acc_ll", "acc_stderr", "acc_ci_low", "acc_ci_high", "acc_ll_stderr",
+    "acc_ll_ci_low", "acc_ll_ci_high", "by_category": {cat: {the same keys}}, "items": [...],
+    "tokens"}`` (:func:`summarize`); accuracies are fractions in [0, 1] (None when that scoring
+    is off). ``tokens``
     counts the prefill work: ``prompt`` (all prompts' tokens), ``shared_prefix`` (encoded once),
     ``prefilled`` (positions forwarded, the prefix once + every padded batch row), ``padding``. Greedy decoding: the
     same model gives the same numbers on every run.
@@ -247,19 +249,26 @@ def evaluate_mcq(model, tokenizer, model_cfg: Any, items: list[dict], *, eos_ids
 
 
 def summarize(records: list[dict], *, generate: bool = True, loglik: bool = True) -> dict:
-    """Overall and per-category accuracy of per-item ``records``."""
+    """Overall and per-category accuracy of per-item ``records``, each with its uncertainty.
 
-    def acc(rs, key):
-        return sum(r[key] for r in rs) / len(rs) if rs else None
+    For ``acc`` (greedy) and ``acc_ll`` (log-likelihood), overall and per category:
+    the accuracy (a fraction), ``<acc>_stderr`` (standard error of the mean of the 0/1 outcomes,
+    ``ddof=1``, as lm-evaluation-harness' ``acc_stderr``) and ``<acc>_ci_low`` /
+    ``<acc>_ci_high`` (95 % Wilson interval), from :func:`dft.stats.accuracy_stats`; all None
+    when that scoring is off (and the stderr for a single item). ``n`` counts the items.
+    """
+    from dft.stats import accuracy_stats
+
+    def block(rs) -> dict:
+        out: dict = {"n": len(rs)}
+        for key, name, on in (("correct", "acc", generate), ("correct_ll", "acc_ll", loglik)):
+            st = accuracy_stats([r[key] for r in rs]) if on and rs else {}
+            out[name] = st.get("acc")
+            for k in ("stderr", "ci_low", "ci_high"):
+                out[f"{name}_{k}"] = st.get(k)
+        return out
 
     cats: dict[str, list[dict]] = {}
     for r in records:
         cats.setdefault(str(r["category"]), []).append(r)
-    return {
-        "n": len(records),
-        "acc": acc(records, "correct") if generate else None,
-        "acc_ll": acc(records, "correct_ll") if loglik else None,
-        "by_category": {c: {"n": len(rs), "acc": acc(rs, "correct") if generate else None,
-                            "acc_ll": acc(rs, "correct_ll") if loglik else None} for c, rs in sorted(cats.items())},
-        "items": records,
-    }
+    return {**block(records), "by_category": {c: block(rs) for c, rs in sorted(cats.items())}, "items": records}

@@ -11,7 +11,8 @@ one key per *role* of an artefact in its cell:
   whose first parent is the trained one), when the cell merges;
 * ``final/<metric>``: the cell's final artefact (the last one that is not the merge partner:
   the merge when the cell merges, else the last stage, else the start model);
-* ``delta/<metric>``: ``final`` minus ``start``, for every metric both have, intervals excepted;
+* ``delta/<metric>``: ``final`` minus ``start``, for every metric both have, intervals and item
+  counts (``<benchmark>/n``) excepted;
 * ``artefact/<role>``: the artefact's name (a string, kept out of the numeric namespaces).
 
 ``<metric>`` is the artefact's own metric key (``<benchmark>/acc``, ``<benchmark>/acc_ll``,
@@ -63,7 +64,8 @@ def role_artefacts(source: Union[dict, Sequence[dict]]) -> dict[str, Optional[di
 
 
 def _is_interval(key: str) -> bool:
-    return key.endswith(INTERVAL_SUFFIXES)
+    """An interval key, or an item count (``<benchmark>/n``): copied into every role, never differenced."""
+    return key.endswith(INTERVAL_SUFFIXES) or key.endswith("/n")
 
 
 def _number(v: Any) -> bool:

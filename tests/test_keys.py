@@ -29,7 +29,11 @@ def test_every_cell_has_the_same_start_final_delta_keys(summaries):
                for s in summaries.values()}
     assert len(keysets) == 1
     (keys,) = keysets
-    assert keys == {f"{r}/{m}" for r in ("start", "final", "delta") for m in ("matsci_mcq/acc", "matsci_mcq/acc_ll", "ppl")}
+    base = ("matsci_mcq/acc", "matsci_mcq/acc_ll", "ppl")
+    intervals = {f"{m}{sfx}" for m in base for sfx in ("_ci_low", "_ci_high", "_stderr")} | {"matsci_mcq/n"}
+    # start and final carry each metric with its interval and item count; delta differences the metrics only
+    assert keys == ({f"{r}/{m}" for r in ("start", "final") for m in (*base, *intervals)}
+                    | {f"delta/{m}" for m in base})
 
 
 def test_roles_pick_the_right_artefacts_and_delta_is_final_minus_start(summaries):

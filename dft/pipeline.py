@@ -42,7 +42,7 @@ STAGE_PREP_VERSION = 3  # 3: truncation policy, CPT document-end token, ORPO tok
 #: number (scoring, prompt, batching that changes float rounding): cached evaluations are then
 #: redone instead of mixed with the new code's. 2: shared-prefix KV cache and eval precision.
 #: 3: perplexity with the family's BOS per document, per-block NLL kept; stderr and 95 % intervals
-#: of every accuracy (dft.stats)
+#: of every accuracy (dft.stats), documents ended with the family's document-end token (as in CPT)
 EVAL_VERSION = 3
 
 #: fields of model config that change how a stage trains (part of every lineage)
@@ -227,7 +227,10 @@ class Cell:
                     for suffix in UNCERTAINTY_SUFFIXES:
                         metrics[f"{bench}/{k}{suffix}"] = rec[f"{k}{suffix}"]
         if self.heldout is not None:
+            from dft.families import doc_end_token
+
             ppl = perplexity(model, tok, self.heldout, block=cfg.eval.ppl_block, max_tokens=cfg.eval.ppl_max_tokens,
+                             end_id=doc_end_token(tok, cfg.model)[1],  # documents end as CPT ends them
                              batch_size=cfg.eval.ppl_batch_size or max(1, cfg.eval.batch_size // 4))
             write_json(tmp / "perplexity.json", {"artefact": art.name, **precision, **ppl})
             metrics["ppl"] = ppl["ppl"]

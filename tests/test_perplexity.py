@@ -111,3 +111,24 @@ def test_cell_summary_carries_comparisons_intervals_and_synergy_p(tmp_path):
     assert syn["deviation"] == pytest.approx(0.25) == pytest.approx(mean["diff"])
     assert (syn["ci_low"], syn["ci_high"], syn["p"]) == (mean["ci_low"], mean["ci_high"], mean["p"])
     assert not any(k.endswith(("_ci_low", "_ci_high", "_stderr", "/n")) for k in {r["metric"] for r in s["synergy"]})
+
+
+@pytest.mark.parametrize("family,instruct,end_id", [
+    ("llama3", True, 128001),   # <|end_of_text|>, not the instruct tokenizer's EOS <|eot_id|> (128009)
+    ("mistral", True, 2),       # </s>
+    ("smollm2", True, 0),       # <|endoftext|>, not the instruct tokenizer's EOS <|im_end|> (2)
+])
+def test_documents_end_with_the_family_document_end_token_as_in_cpt(cache_dir, family, instruct, end_id):
+    """Perplexity's documents end as CPT's do (dft.families.doc_end_token), whatever the tokenizer's EOS."""
+    from types import SimpleNamespace
+
+    from dft.families import doc_end_token
+
+    tok = _tok(cache_dir, family, instruct)
+    token, i = doc_end_token(tok, SimpleNamespace(family=family, name=family, eos_tokens=[]))
+    assert i == end_id
+    stream, _ = token_stream(tok, DOCS, end_id=i)
+    plain, _ = token_stream(tok, DOCS)
+    ends = [k for k, t in enumerate(plain) if t == tok.eos_token_id]
+    assert len(ends) == 2 and [stream[k] for k in ends] == [end_id, end_id]
+    assert [t for k, t in enumerate(stream) if k not in ends] == [t for k, t in enumerate(plain) if k not in ends]

@@ -4,8 +4,9 @@
 documents. Each document is tokenized on its own the way raw text is tokenized for CPT
 (``dft/families.py``, "No doubled BOS"): with the tokenizer's special tokens, so a family whose
 tokenizer prepends a BOS (Llama 3.x ``<|begin_of_text|>``, Mistral ``<s>``) gets exactly one BOS
-per document and a family without one (SmolLM, SmolLM2) gets none; the tokenizer's EOS is
-appended. The documents are concatenated and cut into non-overlapping blocks of ``block`` tokens
+per document and a family without one (SmolLM, SmolLM2) gets none; the family's document-end
+token is appended, the one CPT ends its documents with (:func:`dft.families.doc_end_token`:
+``<|end_of_text|>``, ``</s>``, ``<|endoftext|>``; not an instruct tokenizer's end-of-turn EOS). The documents are concatenated and cut into non-overlapping blocks of ``block`` tokens
 (the first token of each block is context only, so a BOS is never itself predicted at a block
 start). Perplexities are comparable between artefacts of one tokenizer (one model family) only.
 
@@ -22,15 +23,17 @@ from typing import Optional
 import torch
 
 
-def token_stream(tokenizer, docs: list[str], max_tokens: Optional[int] = None) -> tuple[list[int], int]:
+def token_stream(tokenizer, docs: list[str], max_tokens: Optional[int] = None,
+                 end_id: Optional[int] = None) -> tuple[list[int], int]:
     """The token ids perplexity is computed on, and the number of documents they come from.
 
     Each document: ``tokenizer(doc)`` (special tokens added: the family's BOS where its tokenizer
-    has one) + ``[eos]``; concatenated; cut to ``max_tokens + 1`` ids (``max_tokens`` predicted).
+    has one) + ``[end_id]`` (the family's document-end id; default the tokenizer's EOS);
+    concatenated; cut to ``max_tokens + 1`` ids (``max_tokens`` predicted).
     """
     from dft.families import check_single_bos
 
-    eos = tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id if end_id is None else end_id
     stream: list[int] = []
     n_docs = 0
     for d in docs:
@@ -46,7 +49,7 @@ def token_stream(tokenizer, docs: list[str], max_tokens: Optional[int] = None) -
 
 @torch.no_grad()
 def perplexity(model, tokenizer, docs: list[str], *, block: int = 512, max_tokens: Optional[int] = None,
-               batch_size: int = 4, progress: bool = True) -> dict:
+               batch_size: int = 4, progress: bool = True, end_id: Optional[int] = None) -> dict:
     """Perplexity of ``model`` on ``docs``.
 
     Returns ``{"ppl", "nll_per_token" (nats), "n_tokens" (predicted tokens), "n_docs", "n_blocks",
@@ -61,7 +64,7 @@ def perplexity(model, tokenizer, docs: list[str], *, block: int = 512, max_token
 
     from dft.stats import bootstrap_perplexity
 
-    stream, n_docs = token_stream(tokenizer, docs, max_tokens)
+    stream, n_docs = token_stream(tokenizer, docs, max_tokens, end_id)
     if len(stream) < 2:
         raise ValueError("perplexity: the held-out text has no tokens")
     blocks = [stream[i: i + block] for i in range(0, len(stream) - 1, block)]

@@ -519,7 +519,7 @@ class PlanCallback(_Callback):  # type: ignore[misc,valid-type]
         for p in (sweep / PLAN_DIR).glob("*.json"):
             p.unlink(missing_ok=True)
         launcher = OmegaConf.select(config, "launcher.name", default="local")
-        if launcher != "local":
+        if launcher not in ("local", "slurm"):  # the graph launcher (slurm) plans here itself
             print(f"warning: dry_run=true with launcher={launcher} submits one job per cell to plan it; "
                   "a dry run trains nothing and needs no GPU: launcher=local plans the grid here", file=sys.stderr)
 

@@ -24,6 +24,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -176,10 +177,14 @@ def run_node(sweep_dir: str | os.PathLike, node_id: str) -> Optional[float]:
     cfg, run_dir = load_cell(sweep_dir, cell_name)
     log.info("node %s (%s, %s) in cell %s; needed by %d cell(s)", node.name, node.kind, node.id, cell_name,
              len(node.cells))
+    t0 = time.monotonic()
     if node.kind == "summary":
-        return run_cell(cfg, run_dir, cell_name)
-    run_graph_node(Cell(cfg, run_dir, cell_name), node)
-    return None
+        out = run_cell(cfg, run_dir, cell_name)
+    else:
+        run_graph_node(Cell(cfg, run_dir, cell_name), node)
+        out = None
+    log.info("node %s finished in %.1f s (its own work, after imports)", node.id, time.monotonic() - t0)
+    return out
 
 
 try:

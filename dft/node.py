@@ -104,7 +104,7 @@ def run_graph_node(cell: Any, node: Any) -> Optional[dict]:
     """
     from dft.config import STAGE_SPLIT
     from dft.distributed import destroy_process_group
-    from dft.graph import eval_key, extend_lineage, merge_lineage, start_lineage
+    from dft.graph import extend_lineage, merge_lineage, start_lineage
     from dft.runs import canonical_hash
 
     cfg = cell.cfg
@@ -112,10 +112,13 @@ def run_graph_node(cell: Any, node: Any) -> Optional[dict]:
     try:
         rank0 = cell.dist.is_rank0
         if node.kind == "eval_start":
-            for art in (cell.start, partner):
-                if art is not None and eval_key(cell, art.key) == node.key:
-                    return cell.evaluate(art) if rank0 else None
-            raise DftError(f"node {node.id}: evaluates neither the start nor the partner model of cell {cell.cell}")
+            # by name, not by key: an evaluation's key holds the precision resolved where it was
+            # computed (a CPU login node plans float32, a GPU job may evaluate in bf16)
+            art = {"eval(start)": cell.start, "eval(partner)": partner}.get(node.name)
+            if art is None:
+                raise DftError(f"node {node.id} ({node.name}): evaluates neither the start nor the partner model "
+                               f"of cell {cell.cell}")
+            return cell.evaluate(art) if rank0 else None
         lineage = start_lineage(cfg, start_id)
         parent = cell.start
         chain = list(cfg.strategy.chain)

@@ -229,12 +229,14 @@ def test_failed_node_stops_its_dependants_and_a_rerun_submits_only_the_missing(s
     by_name = {rec["name"]: rec for rec in first.values()}
     dpo_job = by_name["cpt_sft_dpo"]["job"]
     assert f"node cpt_sft_dpo (stage, stage/" in p.stderr and f"failed (job {dpo_job}" in p.stderr, p.stderr[-3000:]
-    assert "blocks 1 cell(s): " in p.stderr and "strategy=cpt_sft_dpo" in p.stderr.split("blocks 1 cell(s): ")[1].split("\n")[0]
-    assert "_log.err" in p.stderr and "DFT_NODE_FAIL=cpt_sft_dpo" in p.stderr
+    cells = json.loads((sweep / ".graph" / "cells.json").read_text())
+    (dpo_cell,) = [c for c, rec in cells.items() if "strategy=cpt_sft_dpo" in rec["overrides"]]
+    assert f"  blocks 1 cell(s): {dpo_cell}\n" in p.stderr, p.stderr[-3000:]
+    assert f"_log." in p.stderr.split(f"failed (job {dpo_job}")[1].split("\n")[1]
+    assert "DFT_NODE_FAIL=cpt_sft_dpo: node cpt_sft_dpo" in p.stderr
     states = _wait_ended([rec["job"] for rec in first.values()])
     assert states[dpo_job] == "FAILED"
-    blocked = [rec for rec in first.values() if rec["name"] == "eval(cpt_sft_dpo)" or
-               (rec["kind"] == "summary" and "strategy=cpt_sft_dpo" in rec["name"])]
+    blocked = [rec for rec in first.values() if rec["name"] in ("eval(cpt_sft_dpo)", f"summary({dpo_cell})")]
     assert len(blocked) == 2 and all(states[rec["job"]] == "CANCELLED" for rec in blocked), states
     ok = [rec for rec in first.values() if rec["job"] != dpo_job and rec not in blocked]
     assert len(ok) == 5 and all(states[rec["job"]] == "COMPLETED" for rec in ok), states

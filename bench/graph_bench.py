@@ -46,14 +46,15 @@ def grid(steps: int, items: int) -> list[str]:
             "experiment=gbench"]
 
 
-def launcher_args(layout: str, partition: str) -> list[str]:
+def launcher_args(layout: str, partition: str, cpus: int = 1) -> list[str]:
+    """Every job: ``cpus`` CPUs (one slot), 2 GB, no GPU."""
     if layout == "cells":
         return ["launcher=slurm_cells", f"launcher.partition={partition}", "launcher.timeout_min=60",
-                "launcher.gpus_per_node=0", "launcher.cpus_per_task=1", "launcher.mem_gb=2",
+                "launcher.gpus_per_node=0", f"launcher.cpus_per_task={cpus}", "launcher.mem_gb=2",
                 "launcher.array_parallelism=64"]
     args = ["launcher=slurm", f"launcher.partition={partition}", "launcher.timeout_min=60", "launcher.gpus_per_node=0"]
     for kind in ("stage", "merge", "eval", "summary"):
-        args += [f"launcher.{kind}.gpus_per_node=0", f"launcher.{kind}.cpus_per_task=1", f"launcher.{kind}.mem_gb=2"]
+        args += [f"launcher.{kind}.gpus_per_node=0", f"launcher.{kind}.cpus_per_task={cpus}", f"launcher.{kind}.mem_gb=2"]
     return args
 
 
@@ -80,11 +81,11 @@ def sacct(ids: list[str], timeout: float = 120) -> list[dict]:
         time.sleep(2)
 
 
-def run_side(layout: str, work: Path, partition: str, steps: int, items: int) -> dict:
+def run_side(layout: str, work: Path, partition: str, steps: int, items: int, cpus: int = 1) -> dict:
     runs = work / layout
     subprocess.run(["rm", "-rf", str(runs)], check=True)
     t0 = time.monotonic()
-    p = subprocess.run([sys.executable, "-m", "dft.train", "-m", *grid(steps, items), *launcher_args(layout, partition)],
+    p = subprocess.run([sys.executable, "-m", "dft.train", "-m", *grid(steps, items), *launcher_args(layout, partition, cpus)],
                        cwd=ROOT, env=_env(runs), capture_output=True, text=True, timeout=3600)
     wall = time.monotonic() - t0
     (work / f"{layout}.log").write_text(p.stdout + p.stderr)
@@ -96,7 +97,7 @@ def run_side(layout: str, work: Path, partition: str, steps: int, items: int) ->
     own = [float(x) for x in re.findall(r"finished in ([0-9.]+) s \(its own work", logs)]
     return {"layout": layout, "wall_s": wall, "jobs": len(rows),
             "states": sorted({r["state"] for r in rows}),
-            "slot_s": sum(int(r["elapsed"]) * int(r["cpus"]) for r in rows),
+            "slot_s": sum(int(r["elapsed"]) * int(r["cpus"]) for r in rows) / cpus,
             "elapsed_s": sum(int(r["elapsed"]) for r in rows),
             "node_work_s": sum(own), "nodes_timed": len(own),
             "lock_waits": logs.count("waiting for lock"),
@@ -108,14 +109,20 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=2, help="training steps per stage (default 2)")
     ap.add_argument("--eval-items", type=int, default=2, help="items per benchmark (default 2)")
     ap.add_argument("--partition", default="debug")
+    ap.add_argument("--slots", type=int, default=0,
+                    help="job slots on the node (each job asks node CPUs / slots CPUs); default: one per CPU")
     ap.add_argument("--workdir", default=str(ROOT / "bench" / "out" / "graph_bench"))
     ap.add_argument("--json", help="write the results here")
     ns = ap.parse_args()
     work = Path(ns.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    res = {side: run_side(side, work, ns.partition, ns.steps, ns.eval_items) for side in ("graph", "cells")}
+    node_cpus = int(subprocess.run(["sinfo", "-h", "-p", ns.partition, "-o", "%c"], capture_output=True,
+                                   text=True).stdout.split()[0])
+    cpus = max(1, node_cpus // ns.slots) if ns.slots else 1
+    res = {side: run_side(side, work, ns.partition, ns.steps, ns.eval_items, cpus) for side in ("graph", "cells")}
     g, c = res["graph"], res["cells"]
-    print(f"\n6-cell tiny grid on the local SLURM ({ns.steps} steps per stage), 1 CPU slot per job")
+    print(f"\n6-cell tiny grid on the local SLURM ({ns.steps} steps per stage), {node_cpus // cpus} slots "
+          f"({cpus} of the node's {node_cpus} CPUs per job)")
     print(f"{'':<34} {'graph':>10} {'cells':>10} {'cells/graph':>12}")
     for key, label in (("jobs", "jobs"), ("trainings", "stage trainings"), ("lock_waits", "lock waits in job logs"),
                        ("slot_s", "allocated slot-seconds (sacct)"), ("wall_s", "wall time of the submitting shell s")):

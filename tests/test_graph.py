@@ -140,8 +140,10 @@ def test_dry_run_graph_of_a_tiny_grid(tmp_path, tiny_model):
     from dft.graph import Graph
     from dft.plan import load_plans
 
+    # launcher=slurm (the graph launcher) plans a dry run here, in this process, and submits nothing
     p = run_train(["-m", "strategy=cpt,cpt_sft,cpt_sft_dpo,cpt_sft_orpo", "merge=none,slerp", *BASE,
-                   "experiment=gdry", "dry_run=true"], tmp_path)
+                   "experiment=gdry", "dry_run=true", "launcher=slurm", "launcher.partition=nowhere"], tmp_path)
+    assert not (tmp_path / "gdry" / ".submitit").exists() and "submits one job per cell" not in p.stderr
     plans = load_plans(tmp_path / "gdry")
     g = Graph.from_plans(plans)
     assert g.counts() == {"eval_start": 0, "stage": 4, "merge": 4, "eval": 0, "summary": 8}

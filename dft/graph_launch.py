@@ -82,6 +82,10 @@ def plan_cells(compose: Callable[[Sequence[str]], Any], job_overrides: Sequence[
             plan = make_plan(Cell(cfg, run_dir, name))
         except DftError as e:
             raise DftError(f"cell {name}: {e}") from e
+        if plan["keys_provisional"]:
+            raise DftError(f"cell {name}: {plan['weights']['missing'][0]}; the graph launcher computes every node's "
+                           "key here from the weights' files: put them on this machine first (or use "
+                           "launcher=slurm_cells)")
         plans.append(plan)
         cells[name] = {"run_dir": str(run_dir), "overrides": list(overrides), "index": i}
         path = cell_config_path(sweep_dir, name)

@@ -274,6 +274,11 @@ def launch_graph(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
     t0 = time.monotonic()
     try:
         graph, cells = plan_cells(compose, job_overrides, sweep_dir)
+    except DftError as e:  # a config or weights problem: one line, nothing submitted
+        import sys
+
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     finally:
         HydraConfig.instance().set_config(config)
     todo = {i for i, n in graph.nodes.items() if not done(n)}

@@ -105,6 +105,18 @@ def test_launcher_slurm_is_the_graph_plugin_and_slurm_cells_the_array():
     assert (cfg.launcher.gpus_per_node, cfg.launcher.eval.gpus_per_node, cfg.launcher.merge.gpus_per_node) == (8, 1, 0)
 
 
+def test_graph_launcher_refuses_cells_whose_weights_are_not_here(tmp_path):
+    """No Llama weights on this machine: the node keys cannot be computed; one line, nothing submitted."""
+    p = subprocess.run([sys.executable, "-m", "dft.train", "-m", "grid=paper_llama", "strategy=cpt", "merge=none",
+                        "grid/model=llama3_1_8b", "logger=none", "launcher=slurm", "launcher.partition=nowhere"],
+                       cwd=ROOT, env=_env(tmp_path, HF_HOME=str(tmp_path / "hf")), capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 2, p.stderr[-3000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cell ") and "the graph launcher computes every node's key here" in last, last
+    assert not list(tmp_path.rglob(".submitit")) and not list(tmp_path.rglob("submitted.json"))
+
+
 # ------------------------------------------------------------------------------- real SLURM
 def _env(runs: Path, **extra) -> dict:
     cache = os.environ.get("DFT_CACHE", str(Path.home() / ".cache" / "dft"))

@@ -164,6 +164,21 @@ class LoggerConfig:
 
 
 @dataclass
+class NodeResources:
+    """Resources of one node kind's jobs under the graph launcher (``launcher.stage|merge|eval|summary``).
+
+    None: the launcher's own value (``launcher.gpus_per_node`` etc.). ``conf/launcher/slurm.yaml``
+    makes merges and summaries CPU-only and evaluations one GPU, one task.
+    """
+
+    gpus_per_node: Optional[int] = None
+    tasks_per_node: Optional[int] = None
+    cpus_per_task: Optional[int] = None
+    mem_gb: Optional[int] = None
+    timeout_min: Optional[int] = None
+
+
+@dataclass
 class LauncherConfig:
     """dft's view of the launcher; Hydra's ``hydra/launcher`` does the submitting."""
 
@@ -181,6 +196,11 @@ class LauncherConfig:
     max_num_timeout: int = 3
     setup: List[str] = field(default_factory=list)
     wait: bool = True  #: the submitting shell waits for the sweep (false: submit and return)
+    # graph launcher (launcher=slurm): each node kind's jobs; None fields take the values above
+    stage: NodeResources = field(default_factory=NodeResources)
+    merge: NodeResources = field(default_factory=NodeResources)
+    eval: NodeResources = field(default_factory=NodeResources)
+    summary: NodeResources = field(default_factory=NodeResources)
 
 
 @dataclass

@@ -641,7 +641,7 @@ def _tiny_tokenizer(family: str, cache_dir: Path):
     from transformers import AutoTokenizer
 
     from dft import tokenizers_offline
-    from dft.modeling import ensure_embedded_model
+    from dft.embedded import ensure_embedded_model
 
     if family in ("smollm2", "smollm"):
         tok = AutoTokenizer.from_pretrained(ensure_embedded_model(cache_dir))
@@ -678,7 +678,7 @@ def ensure_tiny_model(cache_dir: str | os.PathLike, family: str = "smollm2") -> 
     """
     import json
 
-    from dft.modeling import file_lock
+    from dft.locks import file_lock
 
     cfg = tiny_config(family)
     key = hashlib.sha256(

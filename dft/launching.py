@@ -99,6 +99,11 @@ class LauncherCheck(_Callback):  # type: ignore[misc,valid-type]
         except Exception as e:  # noqa: BLE001 - any resolution error: report it in one line
             print(f"error: {_cause(e)}", file=sys.stderr)
             sys.exit(2)
+        if OmegaConf.select(config, "launcher.name", default=None) == "slurm_cells" and \
+                not OmegaConf.select(config, "dry_run", default=False):
+            log.warning("launcher=slurm_cells: one job per cell; cells that share a stage all start and wait on its "
+                        "lock holding their GPUs (dry_run=true prints the idle GPU-hours); launcher=slurm submits "
+                        "each distinct stage once, after its parents")
         install_waiting()
 
     def on_run_start(self, config: Any, **kwargs: Any) -> None:

@@ -33,20 +33,21 @@ from dft.stats import UNCERTAINTY_SUFFIXES, is_uncertainty_key
 
 log = logging.getLogger("dft")
 
-#: version of how dft turns a split's rows into a stage's training set (part of every stage's lineage,
-#: so a change here retrains cached stages instead of reusing them): 2 = rows whose prompt alone
-#: fills max_length are dropped (dft.stages.drop_prompts_filling_max_length)
-STAGE_PREP_VERSION = 3  # 3: truncation policy, CPT document-end token, ORPO tokens/NLL scope
-
-#: Part of every evaluation's cache key. Bump it when a change to dft/evaluation can move a
-#: number (scoring, prompt, batching that changes float rounding): cached evaluations are then
-#: redone instead of mixed with the new code's. 2: shared-prefix KV cache and eval precision.
-#: 3: perplexity with the family's BOS per document, per-block NLL kept; stderr and 95 % intervals
-#: of every accuracy (dft.stats), documents ended with the family's document-end token (as in CPT)
-EVAL_VERSION = 3
-
-#: fields of model config that change how a stage trains (part of every lineage)
-MODEL_LINEAGE_KEYS = ("pad_token", "eos_tokens", "chat_template", "system_policy", "max_length", "dtype")
+# Every lineage key is defined once, in dft.graph (also used by the dry-run plan and the graph
+# launcher); the names below stay importable from here.
+from dft.graph import (  # noqa: E402,F401
+    EVAL_VERSION,
+    MODEL_LINEAGE_KEYS,
+    STAGE_PREP_VERSION,
+    eval_key,
+    evaluates,
+    extend_lineage,
+    merge_lineage,
+    model_identity,
+    stage_lineage,
+    start_key,
+    start_lineage,
+)
 
 
 @dataclass
@@ -71,20 +72,6 @@ def _container(node: Any) -> Any:
     from dft.config import plain
 
     return plain(node)
-
-
-def stage_lineage(cfg: Any, stage: str, data_identity) -> dict:
-    """A stage's entry in the lineage (its config, PEFT, data and :data:`STAGE_PREP_VERSION`);
-    ``data_identity(split)`` is :meth:`Cell.data_identity`. Shared with the dry-run plan."""
-    return {"kind": stage, "config": _container(cfg.strategy[stage]), "peft": _container(cfg.peft),
-            "data": data_identity(STAGE_SPLIT[stage]), "prep": STAGE_PREP_VERSION}
-
-
-def model_identity(model_cfg: Any, path: Path) -> dict:
-    """What identifies starting weights in a lineage: the config's source plus the files' sizes."""
-    files = {p.name: p.stat().st_size for p in sorted(path.glob("*.safetensors"))}
-    return {"hub_id": model_cfg.hub_id, "path": str(path) if model_cfg.path else None,
-            "embedded": model_cfg.embedded, "weights": files}
 
 
 def cell_objective(artefacts: list[Artefact], benchmarks: list[str]) -> Optional[float]:
@@ -146,17 +133,15 @@ class Cell:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, art: Artefact) -> dict:
         """Evaluate ``art`` (cached per artefact key and eval config); copy results to ``eval/<name>/``."""
-        from dft.plan import eval_key as plan_eval_key
-
         cfg = self.cfg
-        eval_key = plan_eval_key(self, art.key)  # one definition for runs and dry-run plans
-        if eval_key is None:
+        ekey = eval_key(self, art.key)  # dft.graph: one definition for runs, plans and the graph launcher
+        if ekey is None:
             return {}
-        cache_dir = self.cache.root / "_eval" / eval_key
+        cache_dir = self.cache.root / "_eval" / ekey
         out_dir = self.run_dir / "eval" / art.name
         done = read_json(cache_dir / "metrics.json")
         if done is None or cfg.force:
-            with self.cache.lock(f"_eval-{eval_key}"):
+            with self.cache.lock(f"_eval-{ekey}"):
                 done = None if cfg.force else read_json(cache_dir / "metrics.json")
                 if done is None:
                     done = self._evaluate_uncached(art, cache_dir)
@@ -310,8 +295,7 @@ class Cell:
         from dft.merging import kinship, merge_models
 
         cfg = self.cfg
-        mcfg = _container(cfg.merge)
-        lineage = {"model": art.key, "partner": partner.key, "merge": {k: v for k, v in mcfg.items() if k != "at"}}
+        lineage = merge_lineage(cfg, art.key, partner.key)
         key = canonical_hash(lineage)
         name = f"{art.name}+{cfg.merge.method}"
         final = self.cache.entry(key) / "final"
@@ -388,7 +372,7 @@ class Cell:
             if rank0:
                 self.print_start(start_path)
             start_id = model_identity(cfg.model, start_path)
-            self.start = Artefact(name="start", kind="start", path=start_path, key=canonical_hash({"start": start_id}))
+            self.start = Artefact(name="start", kind="start", path=start_path, key=start_key(start_id))
             if rank0:
                 self.evaluate(self.start)
             self._barrier()
@@ -396,7 +380,7 @@ class Cell:
             partner = None
             if merging:
                 pid = model_identity(cfg.model, partner_path) if partner_path != start_path else start_id
-                pkey = canonical_hash({"start": pid})
+                pkey = start_key(pid)
                 if pkey == self.start.key:
                     partner = self.start
                 else:
@@ -406,12 +390,10 @@ class Cell:
                     self._barrier()
                     self.artefacts.append(partner)
             parent = self.start
-            lineage: dict[str, Any] = {"start": start_id,
-                                       "model": {k: _container(cfg.model[k]) for k in MODEL_LINEAGE_KEYS},
-                                       "seed": cfg.seed, "stages": []}
+            lineage: dict[str, Any] = start_lineage(cfg, start_id)
             merges = []
             for i, stage in enumerate(cfg.strategy.chain):
-                lineage = {**lineage, "stages": lineage["stages"] + [stage_lineage(cfg, stage, self.data_identity)]}
+                lineage = extend_lineage(lineage, cfg, stage, self.data_identity)
                 art = self.train_or_reuse(stage, parent, rows[STAGE_SPLIT[stage]], lineage)
                 if rank0 and self.tracker:  # train/<stage>/loss|grad_norm|learning_rate vs train/<stage>/step
                     self.tracker.curves(stage, self.train_facts.get(art.name, {}).get("log_history"))
@@ -482,7 +464,6 @@ class Cell:
         merged vs the mean of its parents, flat ``metrics`` (also the W&B summary)."""
         from dft.evaluation.compare import cell_comparisons
         from dft.merging import synergy
-        from dft.plan import evaluates
 
         cfg = self.cfg
         metrics = {f"eval/{a.name}/{k}": v for a in self.artefacts for k, v in a.metrics.items()}

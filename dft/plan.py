@@ -64,66 +64,20 @@ FORMULA = "GPU-h = k*N*tokens / (peak*MFU) / 3600; k = 2 fwd + 2 bwd + 2 weight 
 
 
 # ------------------------------------------------------------------------------- lineage keys
-# These mirror dft.pipeline.Cell.run/merge/evaluate value for value, with the pipeline's own
-# ``_container`` (so that a key here is the key training writes: tests/test_grid.py checks it).
-def start_lineage(cfg: Any, start_id: dict) -> dict:
-    """The lineage every stage of the cell extends (start model, model fields, seed)."""
-    from dft.pipeline import MODEL_LINEAGE_KEYS, _container
-
-    return {"start": start_id, "model": {k: _container(cfg.model[k]) for k in MODEL_LINEAGE_KEYS},
-            "seed": cfg.seed, "stages": []}
-
-
-def chain_lineages(cfg: Any, start_id: dict, data_identity) -> list[tuple[str, str, dict]]:
-    """``[(stage, artefact name, lineage), ...]`` of the chain, as :meth:`Cell.run` builds them.
-
-    ``data_identity(split)`` is :meth:`Cell.data_identity`. A stage's key is
-    ``canonical_hash(lineage)``.
-    """
-    from dft.pipeline import stage_lineage
-
-    lineage = start_lineage(cfg, start_id)
-    out, name = [], None
-    for stage in cfg.strategy.chain:
-        lineage = {**lineage, "stages": lineage["stages"] + [stage_lineage(cfg, stage, data_identity)]}
-        name = stage if name is None else f"{name}_{stage}"
-        out.append((stage, name, lineage))
-    return out
-
-
-def merge_lineage(cfg: Any, model_key: str, partner_key: str) -> dict:
-    """Lineage of a merge (as :meth:`Cell.merge`): the merged artefact's and partner's keys, merge config."""
-    from dft.pipeline import _container
-
-    return {"model": model_key, "partner": partner_key,
-            "merge": {k: v for k, v in _container(cfg.merge).items() if k != "at"}}
-
-
-def evaluates(cfg: Any) -> bool:
-    """Whether a cell's eval config evaluates anything (MCQ benchmarks, perplexity or chat)."""
-    return bool(cfg.eval.benchmarks or cfg.eval.perplexity or cfg.eval.chat)
-
-
-def eval_key(cell: Any, art_key: str) -> Optional[str]:
-    """Key of the evaluation cache entry of an artefact (:meth:`Cell.evaluate` uses it); None: no evaluation.
-
-    It covers the artefact, the eval config, ``EVAL_VERSION``, the resolved precision
-    (:meth:`Cell.eval_precision`, in place of the ``eval.dtype`` name: null, ``auto`` and
-    ``float32`` on a CPU share one entry) and the identity of the benchmark and held-out files.
-    The precision is resolved on this machine: a dry run on a CPU login node of a sweep whose
-    jobs run on GPUs with ``model.dtype=auto`` (bf16 there) reports their evaluations as not cached.
-    """
-    from dft.pipeline import EVAL_VERSION, _container
-    from dft.runs import canonical_hash
-
-    cfg = cell.cfg
-    if not evaluates(cfg):
-        return None
-    ev = _container(cfg.eval)
-    return canonical_hash({"artefact": art_key, "eval": {k: v for k, v in ev.items() if k not in ("name", "dtype")},
-                           "version": EVAL_VERSION, "precision": cell.eval_precision(),
-                           "benchmarks": {b: cell.data_identity_eval(b) for b in cfg.eval.benchmarks},
-                           "heldout": cell.data_identity("heldout_text") if cfg.eval.perplexity else None})
+# One definition of every key, in dft.graph (the run uses the same functions: tests/test_grid.py
+# checks a plan's keys against the keys training records). Re-exported here for callers of dft.plan.
+from dft.graph import (  # noqa: E402,F401
+    EVAL_VERSION,
+    MODEL_LINEAGE_KEYS,
+    chain_lineages,
+    eval_key,
+    evaluates,
+    merge_lineage,
+    model_identity,
+    node_id,
+    start_key,
+    start_lineage,
+)
 
 
 # ------------------------------------------------------------------------------- weights
@@ -304,7 +258,6 @@ def estimate_stage(stage: str, args: Any, rows: list[dict], cfg: Any, n_params: 
 def make_plan(cell: Any) -> dict:
     """Validate a cell's configs and return its plan (see the module docstring); trains nothing."""
     from dft.config import STAGE_SPLIT, validate
-    from dft.pipeline import model_identity
     from dft.runs import canonical_hash, read_json
     from dft.stages import build_trl_config
 
@@ -318,9 +271,9 @@ def make_plan(cell: Any) -> dict:
         start_id = _provisional_identity(cfg.model)
     else:
         start_id = model_identity(cfg.model, start_path)
-    start_key = canonical_hash({"start": start_id})
+    start_k = start_key(start_id)
     merging = cfg.merge.method != "none"
-    partner_path, partner_key = None, start_key
+    partner_path, partner_key = None, start_k
     if merging:
         partner_path, why = locate_weights(cfg.model, cfg.paths.cache, which="partner")
         if partner_path is None:
@@ -328,7 +281,7 @@ def make_plan(cell: Any) -> dict:
             pid = _provisional_identity(cfg.model, "partner")
         else:
             pid = model_identity(cfg.model, partner_path) if partner_path != start_path else start_id
-        partner_key = canonical_hash({"start": pid})
+        partner_key = start_key(pid)
     provisional = bool(missing)
     n_params = _param_count(cfg, start_path)
     cache = cell.cache
@@ -336,17 +289,23 @@ def make_plan(cell: Any) -> dict:
     def cached(key: str) -> Optional[bool]:
         return None if provisional else cache.is_complete(key)
 
-    def eval_entry(name: str, key: str) -> Optional[dict]:
+    # the cell's nodes of the sweep's graph (dft.graph), in the order Cell.run meets them
+    nodes: list[dict] = []
+
+    def eval_entry(name: str, key: str, of: Optional[str] = None) -> Optional[dict]:
         ek = eval_key(cell, key)
         if ek is None:
             return None
         done = None if provisional else read_json(cache.root / "_eval" / ek / "metrics.json") is not None
+        nodes.append({"id": node_id("eval", ek), "kind": "eval" if of else "eval_start", "key": ek,
+                      "name": f"eval({name})", "parents": [of] if of else [], "gpu_hours": 0.0, "cached": done})
         return {"artefact": name, "key": ek, "cached": done}
 
-    evals = [eval_entry("start", start_key)]
-    if merging and partner_key != start_key:
+    evals = [eval_entry("start", start_k)]
+    if merging and partner_key != start_k:
         evals.append(eval_entry("partner", partner_key))
     stages, merges = [], []
+    prev = None
     chain = chain_lineages(cfg, start_id, cell.data_identity)
     mergekit_ok = None
     for i, (stage, name, lineage) in enumerate(chain):
@@ -359,9 +318,12 @@ def make_plan(cell: Any) -> dict:
         use = use[: sc.max_samples] if sc.max_samples else use
         stages.append({"artefact": name, "kind": stage, "key": key, "cached": cached(key),
                        "trl_config": type(args).__name__, **estimate_stage(stage, args, use, cfg, n_params)})
+        nodes.append({"id": node_id("stage", key), "kind": "stage", "key": key, "name": name,
+                      "parents": [prev] if prev else [], "gpu_hours": stages[-1]["gpu_hours"], "cached": cached(key)})
+        prev = node_id("stage", key)
         last = i == len(chain) - 1
         if cfg.eval.stages or last:
-            evals.append(eval_entry(name, key))
+            evals.append(eval_entry(name, key, of=prev))
         if merging and (cfg.merge.at == "each" or last):
             from dft.merging import build_merge_config
 
@@ -376,8 +338,14 @@ def make_plan(cell: Any) -> dict:
             mkey = canonical_hash(merge_lineage(cfg, key, partner_key))
             mname = f"{name}+{cfg.merge.method}"
             merges.append({"artefact": mname, "key": mkey, "cached": cached(mkey), "method": cfg.merge.method,
-                           "parents": [name, "start" if partner_key == start_key else "partner"]})
-            evals.append(eval_entry(mname, mkey))
+                           "parents": [name, "start" if partner_key == start_k else "partner"]})
+            nodes.append({"id": node_id("merge", mkey), "kind": "merge", "key": mkey, "name": mname,
+                          "parents": [prev], "gpu_hours": 0.0, "cached": cached(mkey)})
+            evals.append(eval_entry(mname, mkey, of=node_id("merge", mkey)))
+    done = read_json(cell.run_dir / "summary.json")
+    nodes.append({"id": node_id("summary", cell.cell), "kind": "summary", "key": cell.cell, "name": f"summary({cell.cell})",
+                  "parents": [n["id"] for n in nodes], "gpu_hours": 0.0,
+                  "cached": bool(done and done.get("status") == "finished")})
     gh = [s["gpu_hours"] for s in stages]
     known = all(g is not None for g in gh)
     return {
@@ -388,7 +356,8 @@ def make_plan(cell: Any) -> dict:
         "device": cell.device,
         "weights": {"start": str(start_path) if start_path else None,
                     "partner": str(partner_path) if partner_path else None, "missing": missing},
-        "keys_provisional": provisional, "start_key": start_key,
+        "keys_provisional": provisional, "start_key": start_k, "nodes": nodes,
+        "gpus_per_cell": max(1, int(cfg.launcher.gpus_per_node or 0), int(cfg.launcher.tasks_per_node or 1)),
         "cannot_run": missing_weights(cfg) if provisional else [],
         "demo_budget": demo_budgets(cfg),
         "rows": {k: len(v) for k, v in rows.items()},
@@ -617,6 +586,32 @@ def format_grid(summary: dict, plans: list[dict], where: str = "") -> str:
     return "\n".join(out) + "\n"
 
 
+# ------------------------------------------------------------------------------- the two layouts
+def grid_costs(plans: list[dict]) -> Optional[dict]:
+    """The graph launcher's and the cell array's cost (:func:`dft.graph.layout_costs`) of the
+    plans' graph; None when a stage's GPU-hours are unknown or no plan has nodes (an old plan)."""
+    from dft.graph import Graph, layout_costs
+
+    plans, _ = _split(plans)
+    if not plans or any("nodes" not in p for p in plans):
+        return None
+    graph = Graph.from_plans(plans)
+    if any(n.gpu_hours is None for n in graph.nodes.values()):
+        return None
+    a = plans[0]["assumptions"]
+    gpus = max(int(p.get("gpus_per_cell") or 1) for p in plans)
+    return layout_costs(graph, world=int(a.get("world_size") or 1), gpus=gpus)
+
+
+def format_layouts(costs: Optional[dict]) -> str:
+    """:func:`dft.graph.format_costs`, or a line saying why there is no comparison."""
+    from dft.graph import format_costs
+
+    if costs is None:
+        return "SLURM layouts: not compared (a stage's GPU-hours are unknown: model.params_b unset and no config)\n"
+    return format_costs(costs) + "\n"
+
+
 # ------------------------------------------------------------------------------- Hydra callback
 class PlanCallback(_Callback):  # type: ignore[misc,valid-type]
     """``hydra.callbacks.dft_plan``: after a ``dry_run=true`` multirun, print the grid's plan.
@@ -643,7 +638,7 @@ class PlanCallback(_Callback):  # type: ignore[misc,valid-type]
         for p in (sweep / PLAN_DIR).glob("*.json"):
             p.unlink(missing_ok=True)
         launcher = OmegaConf.select(config, "launcher.name", default="local")
-        if launcher != "local":
+        if launcher not in ("local", "slurm"):  # the graph launcher (slurm) plans here itself
             print(f"warning: dry_run=true with launcher={launcher} submits one job per cell to plan it; "
                   "a dry run trains nothing and needs no GPU: launcher=local plans the grid here", file=sys.stderr)
 
@@ -655,8 +650,9 @@ class PlanCallback(_Callback):  # type: ignore[misc,valid-type]
 
         plans = load_plans(sweep)
         summary = summarise(plans)
+        summary["layouts"] = grid_costs(plans)
         write_json(sweep / PLAN_DIR / GRID_FILE, summary)
-        print(format_grid(summary, plans, str(sweep)), flush=True)
+        print(format_grid(summary, plans, str(sweep)) + format_layouts(summary["layouts"]), flush=True)
         blocked = [p for p in plans if p.get("cannot_run")]
         models = sorted({m for p in blocked for m in p["cannot_run"]})
         if summary["errors"] or blocked:
@@ -681,7 +677,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               file=sys.stderr)
         return 2
     summary = summarise(plans)
-    print(format_grid(summary, plans, ns.sweep))
+    print(format_grid(summary, plans, ns.sweep) + format_layouts(grid_costs(plans)))
     blocked = sorted({m for p in plans for m in p.get("cannot_run") or []})
     if blocked:
         print(f"error: cells of this plan cannot run where it was made: no weights for {', '.join(blocked)}",

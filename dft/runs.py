@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from dft.modeling import file_lock
+from dft.locks import file_lock
 
 
 def canonical_hash(obj: Any, n: int = 16) -> str:

@@ -103,7 +103,7 @@ def _key(path: Path, *extra: str) -> str:
 
 def _build_atomically(out: Path, build) -> Path:
     """Run ``build(tmp_dir)`` and rename the result to ``out`` (once, under a file lock)."""
-    from dft.modeling import file_lock
+    from dft.locks import file_lock
 
     if (out / "tokenizer_config.json").exists():
         return out

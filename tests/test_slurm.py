@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from slurm_fixtures import ROOT, LocalSlurm, slurm  # noqa: F401  (fixture)
 
-LAUNCHERS = ["local", "submitit_local", "slurm", "slurm_8gpu"]
+LAUNCHERS = ["local", "submitit_local", "slurm", "slurm_cells", "slurm_8gpu"]
 
 
 def _compose(overrides: list[str]):
@@ -51,7 +51,8 @@ def test_launcher_configs_compose(name):
     for key in ("timeout_min", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem_gb"):
         assert hl[key] == cfg.launcher[key], key
     if name.startswith("slurm"):
-        assert target.endswith("SlurmLauncher")
+        # slurm, slurm_8gpu: the graph launcher (tests/test_graph_slurm.py); slurm_cells: the cell array
+        assert target.endswith("SlurmLauncher" if name == "slurm_cells" else "DftGraphLauncher")
         assert hl.partition == "gpu"
         assert hl.max_num_timeout == cfg.launcher.max_num_timeout >= 1
         assert hl.array_parallelism == cfg.launcher.array_parallelism
@@ -268,7 +269,8 @@ TINY = ["model=tiny", "data=tiny", "strategy=sft", "merge=none", "eval=none", "s
 def _slurm_args(slurm: LocalSlurm, **launcher) -> list[str]:
     values = {"partition": slurm.partition, "mem_gb": 2, "cpus_per_task": 1, "gpus_per_node": 0}
     values.update(launcher)
-    return ["launcher=slurm"] + [f"launcher.{k}={v}" for k, v in values.items()]
+    # the one-job-per-cell array (launcher=slurm is the graph launcher: tests/test_graph_slurm.py)
+    return ["launcher=slurm_cells"] + [f"launcher.{k}={v}" for k, v in values.items()]
 
 
 def _train_env(runs: Path) -> dict:

@@ -9,8 +9,9 @@ cd "$(dirname "$0")/../.."
 python -m dft.train -m experiment=smol_grid dry_run=true \
     model=smollm_1_7b_instruct strategy=sft,cpt_sft,cpt_sft_dpo,cpt_sft_orpo merge=none,slerp
 
-# 4 strategies x 2 merges = 8 cells = one job array of 8 tasks, at most 16 running at once.
-# Cells sharing a prefix (cpt -> sft) reuse the stage cache instead of retraining it.
+# 4 strategies x 2 merges = 8 cells = one graph: each distinct stage (cpt, cpt_sft, dpo, orpo), merge
+# and evaluation is one job, started when its parents end (afterok), none waiting on a lock.
+# launcher=slurm_cells instead: one job array of 8 cells, cells sharing a prefix wait on its lock.
 python -m dft.train -m launcher=slurm experiment=smol_grid \
     model=smollm_1_7b_instruct strategy=sft,cpt_sft,cpt_sft_dpo,cpt_sft_orpo merge=none,slerp \
     launcher.timeout_min=480 launcher.mem_gb=64 launcher.cpus_per_task=8

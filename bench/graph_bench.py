@@ -1,0 +1,145 @@
+"""The graph launcher vs the cell-array launcher on the local SLURM: allocated slot-seconds and wall time.
+
+    sudo launch/slurm.sh start                  # the local single-node SLURM (8 CPU slots)
+    .venv/bin/python bench/graph_bench.py       # 6 cells on the tiny model, both layouts, once each
+
+The grid: ``strategy=cpt_sft,cpt_sft_dpo,cpt_sft_orpo merge=none,slerp`` (6 cells: CPT and
+CPT->SFT shared by all, DPO/ORPO leaves, SLERP merges) on the tiny random model, ``--steps``
+steps per stage, a small evaluation. Every job takes 1 CPU, no GPU and 2 GB, so the node's
+``DFT_SLURM_CPUS`` (8 by default) are the fixed number of slots both layouts share.
+
+* ``graph``: ``launcher=slurm``: one job per distinct node, ``afterok`` on its parents;
+* ``cells``: ``launcher=slurm_cells``: one array task per cell; cells sharing a stage wait on its
+  lock while holding their slot.
+
+Each side runs in a fresh run directory (its own stage cache), one after the other. From
+``sacct`` (``ElapsedRaw x AllocCPUS`` summed over the side's jobs) the allocated slot-seconds;
+the wall time of the submitting ``python -m dft.train -m`` process; for the graph the sum of the
+nodes' own work (``node ... finished in X s`` in each job's log: after the imports) and of the
+jobs' elapsed times. Printed: both sides and the ratios cells / graph; ``--json`` writes them.
+
+Measured (bench/README.md, loaded 2-core machine): 2 steps, 8 slots: graph 470 slot-s / 188 s
+wall, cells 357 / 68 (cells/graph 0.76x, 0.36x); ``--steps 200 --slots 2``: graph 1142 / 817,
+cells 1027 / 516 (0.90x, 0.63x), graph slot-seconds 1.18x its nodes' own work. On tiny stages
+the graph's per-job start cost outweighs the slots the cell array holds waiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env(runs: Path) -> dict:
+    return dict(os.environ, DFT_RUNS=str(runs), WANDB_MODE="offline", WANDB_SILENT="true", HF_HUB_OFFLINE="1",
+                TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", DFT_LAUNCH_POLL_S="2",
+                OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+
+
+def grid(steps: int, items: int) -> list[str]:
+    return ["model=tiny", "data=tiny", "logger=none", "strategy=cpt_sft,cpt_sft_dpo,cpt_sft_orpo", "merge=none,slerp",
+            *[f"strategy.{s}.trainer.max_steps={steps}" for s in ("cpt", "sft", "dpo", "orpo")],
+            f"eval.max_items={items}", "eval.ppl_max_tokens=200", "eval.max_new_tokens=2", "eval.stages=false",
+            "experiment=gbench"]
+
+
+def launcher_args(layout: str, partition: str, cpus: int = 1) -> list[str]:
+    """Every job: ``cpus`` CPUs (one slot), 2 GB, no GPU."""
+    if layout == "cells":
+        return ["launcher=slurm_cells", f"launcher.partition={partition}", "launcher.timeout_min=60",
+                "launcher.gpus_per_node=0", f"launcher.cpus_per_task={cpus}", "launcher.mem_gb=2",
+                "launcher.array_parallelism=64"]
+    args = ["launcher=slurm", f"launcher.partition={partition}", "launcher.timeout_min=60", "launcher.gpus_per_node=0"]
+    for kind in ("stage", "merge", "eval", "summary"):
+        args += [f"launcher.{kind}.gpus_per_node=0", f"launcher.{kind}.cpus_per_task={cpus}", f"launcher.{kind}.mem_gb=2"]
+    return args
+
+
+def job_ids(sweep: Path, layout: str) -> list[str]:
+    """The side's SLURM jobs: the graph's from .graph/submitted.json, the array's from .submitit/<id>/."""
+    if layout == "graph":
+        subs = json.loads((sweep / ".graph" / "submitted.json").read_text())
+        return sorted({rec["job"] for s in subs for rec in s["nodes"].values()})
+    return sorted(p.name for p in (sweep / ".submitit").iterdir() if p.is_dir() and re.fullmatch(r"\d+", p.name))
+
+
+def sacct(ids: list[str], timeout: float = 120) -> list[dict]:
+    """One row per job or array task (``-X``), once all have ended."""
+    roots = sorted({i.split("_")[0] for i in ids})
+    deadline = time.monotonic() + timeout
+    while True:
+        out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", ",".join(roots), "-o",
+                              "JobID,JobName,State,ElapsedRaw,AllocCPUS"], capture_output=True, text=True).stdout
+        rows = [dict(zip(("id", "name", "state", "elapsed", "cpus"), ln.split("|"))) for ln in out.splitlines() if ln]
+        if rows and all(r["state"].split()[0] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") for r in rows):
+            return rows
+        if time.monotonic() > deadline:
+            raise SystemExit(f"sacct: jobs {roots} not ended after {timeout:.0f} s")
+        time.sleep(2)
+
+
+def run_side(layout: str, work: Path, partition: str, steps: int, items: int, cpus: int = 1) -> dict:
+    runs = work / layout
+    subprocess.run(["rm", "-rf", str(runs)], check=True)
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "dft.train", "-m", *grid(steps, items), *launcher_args(layout, partition, cpus)],
+                       cwd=ROOT, env=_env(runs), capture_output=True, text=True, timeout=3600)
+    wall = time.monotonic() - t0
+    (work / f"{layout}.log").write_text(p.stdout + p.stderr)
+    if p.returncode != 0:
+        raise SystemExit(f"{layout}: dft.train failed ({p.returncode}); log {work / f'{layout}.log'}:\n{p.stderr[-2000:]}")
+    sweep = runs / "gbench"
+    rows = sacct(job_ids(sweep, layout))
+    logs = "".join(f.read_text(errors="replace") for f in (sweep / ".submitit").glob("*/*_log.*"))
+    own = [float(x) for x in re.findall(r"finished in ([0-9.]+) s \(its own work", logs)]
+    return {"layout": layout, "wall_s": wall, "jobs": len(rows),
+            "states": sorted({r["state"] for r in rows}),
+            "slot_s": sum(int(r["elapsed"]) * int(r["cpus"]) for r in rows) / cpus,
+            "elapsed_s": sum(int(r["elapsed"]) for r in rows),
+            "node_work_s": sum(own), "nodes_timed": len(own),
+            "lock_waits": logs.count("waiting for lock"),
+            "trainings": sum(1 for m in (runs / "_stages").glob("*/manifest.json") if "train" in json.loads(m.read_text()))}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=2, help="training steps per stage (default 2)")
+    ap.add_argument("--eval-items", type=int, default=2, help="items per benchmark (default 2)")
+    ap.add_argument("--partition", default="debug")
+    ap.add_argument("--slots", type=int, default=0,
+                    help="job slots on the node (each job asks node CPUs / slots CPUs); default: one per CPU")
+    ap.add_argument("--workdir", default=str(ROOT / "bench" / "out" / "graph_bench"))
+    ap.add_argument("--json", help="write the results here")
+    ns = ap.parse_args()
+    work = Path(ns.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    node_cpus = int(subprocess.run(["sinfo", "-h", "-p", ns.partition, "-o", "%c"], capture_output=True,
+                                   text=True).stdout.split()[0])
+    cpus = max(1, node_cpus // ns.slots) if ns.slots else 1
+    res = {side: run_side(side, work, ns.partition, ns.steps, ns.eval_items, cpus) for side in ("graph", "cells")}
+    g, c = res["graph"], res["cells"]
+    print(f"\n6-cell tiny grid on the local SLURM ({ns.steps} steps per stage), {node_cpus // cpus} slots "
+          f"({cpus} of the node's {node_cpus} CPUs per job)")
+    print(f"{'':<34} {'graph':>10} {'cells':>10} {'cells/graph':>12}")
+    for key, label in (("jobs", "jobs"), ("trainings", "stage trainings"), ("lock_waits", "lock waits in job logs"),
+                       ("slot_s", "allocated slot-seconds (sacct)"), ("wall_s", "wall time of the submitting shell s")):
+        ratio = f"{c[key] / g[key]:.2f}x" if g[key] else "-"
+        print(f"{label:<34} {g[key]:>10.0f} {c[key]:>10.0f} {ratio:>12}")
+    print(f"graph: slot-seconds / sum of the jobs' elapsed = {g['slot_s'] / max(1, g['elapsed_s']):.2f} "
+          f"(1.00 = no slot held beyond its job); / sum of the nodes' own work after imports "
+          f"({g['nodes_timed']} nodes timed, summaries not) = {g['slot_s'] / max(1e-9, g['node_work_s']):.2f}")
+    if ns.json:
+        Path(ns.json).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -208,6 +208,8 @@ class TrainConfig:
     force: bool = False  #: recompute this cell even if it finished
     dry_run: bool = False  #: compose, validate and print the plan; train nothing
     device: str = "auto"  #: ``auto`` | ``cpu`` | ``cuda``
+    #: a second process on a cell another process is running: ``wait`` for it | ``exit`` at once
+    busy: str = "wait"
 
 
 def plain(node: Any) -> Any:
@@ -268,6 +270,7 @@ def validate(cfg: Any) -> None:
         raise DftError(f"model.max_shard_size={cfg.model.max_shard_size!r} is not a size like 100MB or 5GB") from None
     _choice("logger.mode", cfg.logger.mode, ("auto", "online", "offline", "disabled"))
     _choice("device", cfg.device, ("auto", "cpu", "cuda"))
+    _choice("busy", cfg.busy, ("wait", "exit"))
     _choice("model.dtype", cfg.model.dtype, DTYPES)
     if cfg.eval.dtype is not None:
         _choice("eval.dtype", cfg.eval.dtype, DTYPES)

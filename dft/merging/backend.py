@@ -351,6 +351,9 @@ def merge_models(
         (tmp / MERGEKIT_YAML).write_text(yaml_text)
         _copy_tokenizer(tokenizer_source or partner_path, tmp)
         _respect_umask(tmp)
+        from dft.faults import fault_point
+
+        fault_point("merge_write")
         if out.exists() and force:
             shutil.rmtree(out)
         try:

@@ -22,6 +22,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from dft import DftError
+from dft.faults import fault_point
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,39 @@ def check_finite(trainer, kind: str) -> None:
                            f"lower strategy.{kind}.trainer.learning_rate or check the data")
 
 
+def run_or_restore(trainer, work_dir: Path, kind: str) -> tuple[str | None, float]:
+    """Train (resuming from the newest checkpoint in ``work_dir``), or, when that checkpoint is
+    at the last step, load it without training again; SIGTERM/SIGUSR2 during training save a
+    checkpoint at the next step boundary and exit (:mod:`dft.stages.resume`).
+
+    Returns ``(checkpoint resumed from or None, mean training loss over the whole run)``.
+    """
+    from dft.stages import resume as rs
+
+    signals = rs.PreemptionSignals()
+    rs.install(trainer, signals)
+    ckpt = last_checkpoint(work_dir)
+    if rs.finished_checkpoint(ckpt):
+        rs.restore_finished(trainer, ckpt)
+        loss = rs.whole_run_loss(trainer.state.log_history, trainer.state.global_step)
+    else:
+        if ckpt:
+            log.info("stage %s: resuming from %s", kind, ckpt)
+            rs.restore_token_count(trainer, ckpt)
+        with signals:
+            result = trainer.train(resume_from_checkpoint=ckpt)
+        signals.hand_over()  # exits here after a preemption signal (the checkpoint is written)
+        loss = rs.whole_run_loss(trainer.state.log_history, trainer.state.global_step)
+        if loss is None:  # a history without a log at the last step (not written by dft)
+            loss = float(result.training_loss)
+    if loss is None:
+        raise DftError(f"stage {kind}: {ckpt} has no logged loss up to its last step; delete {work_dir} to retrain")
+    loss = float(loss)
+    if not math.isfinite(loss):
+        raise DftError(f"stage {kind}: training loss is {loss} (diverged); lower strategy.{kind}.trainer.learning_rate")
+    return ckpt, loss
+
+
 def train_stage(
     *,
     kind: str,
@@ -202,20 +236,15 @@ def train_stage(
     trainable, total = count_parameters(trainer.model)
     log.info("stage %s: %d rows, %s trainable / %s parameters (%.2f%%), device %s", kind, len(dataset),
              f"{trainable:,}", f"{total:,}", 100.0 * trainable / max(total, 1), device)
-    resume = last_checkpoint(work_dir)
-    if resume:
-        log.info("stage %s: resuming from %s", kind, resume)
     t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=resume)
+    resume, loss = run_or_restore(trainer, work_dir, kind)
     runtime = time.time() - t0
-    loss = float(result.training_loss)
-    if not math.isfinite(loss):
-        raise DftError(f"stage {kind}: training loss is {loss} (diverged); lower strategy.{kind}.trainer.learning_rate")
     check_finite(trainer, kind)
     if save:
         tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         save_merged(trainer.model, start_path, model_cfg, tmp, tok)
+        fault_point("final_save")
         os.replace(tmp, out_dir)
     facts = {
         "train_loss": loss,
@@ -225,7 +254,7 @@ def train_stage(
         "rows_dropped_long_prompt": dropped,
         "trainable_params": trainable,
         "total_params": total,
-        "resumed_from": resume,
+        "resumed_from": Path(resume).name if resume else None,
         "log_history": trainer.state.log_history,
     }
     del trainer, model

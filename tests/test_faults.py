@@ -4,7 +4,7 @@ rerun ends bit-identical to an uninterrupted run (DESIGN.md §7; issue 17).
 The cell: ``cpt_sft_dpo`` + SLERP on the tiny model, 3 steps per stage with a checkpoint every
 step and a constant learning rate (an extra or a missing step changes the weights), MCQ on 2
 items and perplexity on 200 tokens. ``DFT_FAULT=<point>[:<n>]`` (dft/faults.py) kills it at the
-n-th hit of a point. ``python -m tests.test_faults`` (see README) runs the whole matrix and prints
+n-th hit of a point. ``python tests/test_faults.py`` (see README) runs the whole matrix and prints
 the figure README reports.
 """
 
@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_train
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # conftest, also for `python tests/test_faults.py`
+from conftest import ROOT, run_train  # noqa: E402
 
 STEPS = 3
 STAGE_ARGS = [f"strategy.{s}.trainer.{k}={v}" for s in ("cpt", "sft", "dpo") for k, v in (
@@ -184,11 +185,10 @@ def test_fault_spec_is_checked():
 
 
 def main() -> int:
-    """The whole matrix, once per point (``python -m tests.test_faults [--runs M]``); prints README's line."""
+    """The whole matrix, once per point (``python tests/test_faults.py [--runs M]``); prints README's line."""
     import argparse
     import tempfile
 
-    sys.path.insert(0, str(ROOT / "tests"))
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=1, help="repetitions of the matrix")
     ns = ap.parse_args()

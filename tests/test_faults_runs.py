@@ -1,0 +1,104 @@
+"""Stale temporary folders and one runner per cell (issue 17 items 4 and 5)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import CACHE, ROOT, run_train
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_stale_tmp_of_dead_writers_removed_live_ones_kept(tmp_path):
+    import fcntl
+
+    from dft.runs import remove_stale_tmp
+
+    root = tmp_path / "_stages"
+    dead = _dead_pid()
+    stale_stage = root / "aaaa" / f"final.tmp-{dead}"
+    live_stage = root / "bbbb" / f"final.tmp-{os.getpid()}"
+    stale_eval = root / "_eval" / f"cccc.tmp-{dead}"
+    for d in (stale_stage, live_stage, stale_eval):
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(b"x")
+    run_dir = tmp_path / "runs" / "e" / "cell"
+    run_dir.mkdir(parents=True)
+    old_json = run_dir / f".summary.json.tmp-{dead}"
+    new_json = run_dir / f".meta.json.tmp-{dead}"
+    mine_json = run_dir / f".config.json.tmp-{os.getpid()}"
+    for f in (old_json, new_json, mine_json):
+        f.write_text("{")
+    past = time.time() - 3600
+    os.utime(old_json, (past, past))
+    os.utime(mine_json, (past, past))
+    # a live writer (another open file description) holds entry bbbb's lock
+    with open(root / "bbbb.lock", "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        removed = remove_stale_tmp(root, run_dir)
+    assert sorted(removed) == sorted([stale_stage, stale_eval, old_json])
+    assert not stale_stage.exists() and not stale_eval.exists() and not old_json.exists()
+    assert live_stage.is_dir()  # its entry's lock is held: a live writer's
+    assert new_json.exists()  # dead pid but younger than a minute: left for the next start
+    assert mine_json.exists()  # a live process's
+    assert remove_stale_tmp(root, run_dir) == [live_stage]  # lock released: now nobody writes it
+
+
+CELL = ["model=tiny", "data=tiny", "strategy=sft", "merge=none", "eval=none", "strategy.sft.trainer.max_steps=2",
+        "logger.mode=offline", "experiment=busy"]
+
+
+def _cell(runs: Path) -> Path:
+    (d,) = [p for p in (runs / "busy").iterdir() if p.is_dir() and not p.name.startswith(".")]
+    return d
+
+
+def test_second_launch_of_a_running_cell_waits_and_skips(tmp_path, tiny_model):
+    """Two launches of one cell at once: one runs it, the other says who holds it, waits, and
+    skips the finished cell: one W&B run, one summary write, one training."""
+    env = dict(os.environ, DFT_RUNS=str(tmp_path), DFT_CACHE=str(CACHE), HYDRA_FULL_ERROR="1")
+    cmd = [sys.executable, "-m", "dft.train", *CELL]
+    first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lock = None
+    for _ in range(600):  # the first holds the cell's lock once its holder record is written
+        lock = next((tmp_path / "busy").glob("*/.cell.lock"), None) if (tmp_path / "busy").is_dir() else None
+        if lock is not None and lock.read_text():
+            break
+        time.sleep(0.1)
+    assert lock is not None and json.loads(lock.read_text())["pid"] == first.pid
+    second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    out1, _ = first.communicate(timeout=600)
+    out2 = second.stdout + second.stderr
+    assert first.returncode == 0 and second.returncode == 0, out1[-2000:] + out2[-2000:]
+    assert f"is already running (pid {first.pid} on {socket.gethostname()} since " in out2
+    assert "waiting for it to finish" in out2 and "already finished" in out2
+    assert "training SFT" in out1 and "training SFT" not in out2
+    cell = _cell(tmp_path)
+    assert len(list((cell / "wandb").glob("offline-run-*"))) == 1
+    assert len(list((tmp_path / "_stages").glob("*/manifest.json"))) == 1
+
+
+def test_busy_exit_names_the_cell_and_the_holder(tmp_path, tiny_model):
+    from dft.runs import cell_lock
+
+    cell = tmp_path / "busy" / "data=tiny,eval=none,merge=none,model=tiny,strategy.sft.trainer.max_steps=2,strategy=sft"
+    with cell_lock(cell, "held-by-test"):
+        p = run_train([*CELL, "busy=exit"], tmp_path, check=False, timeout=300)
+    assert p.returncode == 2
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: cell busy/{cell.name} is already running (pid {os.getpid()} on "
+                           f"{socket.gethostname()} since "), last
+    assert last.endswith("; busy=wait waits for it")
+    assert not list(cell.glob("wandb")) and not (cell / "summary.json").exists()

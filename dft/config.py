@@ -166,6 +166,9 @@ class LauncherConfig:
     mem_gb: int = 8
     array_parallelism: int = 16
     max_num_timeout: int = 3
+    #: SLURM sends USR2 this many seconds before the time limit (``sbatch --signal=USR2@<s>``): the
+    #: training stage checkpoints at the next step and the job is requeued
+    signal_delay_s: int = 120
     setup: List[str] = field(default_factory=list)
     wait: bool = True  #: the submitting shell waits for the sweep (false: submit and return)
 

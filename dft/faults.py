@@ -11,11 +11,13 @@ bit-identical to an uninterrupted run's):
 ``merge_write``    inside a merge's write: mergekit wrote ``final.tmp-<pid>``, not yet renamed
 ``eval_write``     inside an evaluation's write: some result files in the temp folder
 ``summary``        before the cell's ``summary.json``
+``step``           at the end of every optimizer step (to deliver a signal at a chosen step)
 =================  ==========================================================================
 
 ``<point>:<n>`` kills at the n-th time the point is reached in this process (1-based; default 1),
-e.g. ``DFT_FAULT=checkpoint:3`` at the third checkpoint of the cell. Unset, :func:`fault_point`
-is one dictionary lookup.
+e.g. ``DFT_FAULT=checkpoint:3`` at the third checkpoint of the cell. ``<point>:<n>:<SIGNAL>``
+sends that signal instead of SIGKILL (``step:5:TERM`` is a preemption notice at the 5th step).
+Unset, :func:`fault_point` is one dictionary lookup.
 """
 
 from __future__ import annotations
@@ -25,18 +27,19 @@ import signal
 import sys
 
 #: every point dft calls :func:`fault_point` with
-POINTS = ("checkpoint", "final_save", "commit", "merge_write", "eval_write", "summary")
+POINTS = ("checkpoint", "final_save", "commit", "merge_write", "eval_write", "summary", "step")
 
 _hits: dict[str, int] = {}
 
 
-def parse(spec: str) -> tuple[str, int]:
-    """``"name"`` or ``"name:n"`` -> ``(name, n)``.
+def parse(spec: str) -> tuple[str, int, int]:
+    """``"name"``, ``"name:n"`` or ``"name:n:SIG"`` -> ``(name, n, signal number)``.
 
     Raises:
-        ValueError: an unknown point or an ``n`` that is not a positive integer (one line).
+        ValueError: an unknown point or signal, or an ``n`` that is not a positive integer (one line).
     """
-    name, _, n = spec.partition(":")
+    name, _, rest = spec.partition(":")
+    n, _, sig = rest.partition(":")
     if name not in POINTS:
         raise ValueError(f"DFT_FAULT={spec!r}: unknown point {name!r} (points: {', '.join(POINTS)})")
     try:
@@ -45,18 +48,22 @@ def parse(spec: str) -> tuple[str, int]:
         count = 0
     if count < 1:
         raise ValueError(f"DFT_FAULT={spec!r}: the count after ':' must be a positive integer")
-    return name, count
+    signum = getattr(signal, f"SIG{sig.upper().removeprefix('SIG')}", None) if sig else signal.SIGKILL
+    if not isinstance(signum, int):
+        raise ValueError(f"DFT_FAULT={spec!r}: unknown signal {sig!r} (e.g. KILL, TERM, USR2)")
+    return name, count, int(signum)
 
 
 def fault_point(name: str) -> None:
-    """SIGKILL this process if ``DFT_FAULT`` names ``name`` and this is its n-th hit; else nothing."""
+    """SIGKILL this process (or send the signal ``DFT_FAULT`` names) if ``DFT_FAULT`` names
+    ``name`` and this is its n-th hit; else nothing."""
     spec = os.environ.get("DFT_FAULT")
     if not spec:
         return
-    point, count = parse(spec)
+    point, count, signum = parse(spec)
     if point != name:
         return
     _hits[name] = _hits.get(name, 0) + 1
     if _hits[name] == count:
-        print(f"dft fault injection: SIGKILL at {name} (hit {count})", file=sys.stderr, flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
+        print(f"dft fault injection: {signal.Signals(signum).name} at {name} (hit {count})", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signum)

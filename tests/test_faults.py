@@ -177,7 +177,10 @@ def test_whole_run_loss_weights_each_log_by_its_steps():
 def test_fault_spec_is_checked():
     from dft.faults import parse
 
-    assert parse("checkpoint:3") == ("checkpoint", 3) and parse("summary") == ("summary", 1)
+    assert parse("checkpoint:3") == ("checkpoint", 3, 9) and parse("summary") == ("summary", 1, 9)
+    assert parse("step:5:TERM") == ("step", 5, 15) and parse("step:2:SIGUSR2")[2] == 12
+    with pytest.raises(ValueError, match="unknown signal 'TREM'"):
+        parse("step:1:TREM")
     with pytest.raises(ValueError, match=r"DFT_FAULT='chekpoint': unknown point 'chekpoint' \(points: checkpoint, "):
         parse("chekpoint")
     with pytest.raises(ValueError, match="must be a positive integer"):

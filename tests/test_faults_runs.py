@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -102,3 +103,64 @@ def test_busy_exit_names_the_cell_and_the_holder(tmp_path, tiny_model):
                            f"{socket.gethostname()} since "), last
     assert last.endswith("; busy=wait waits for it")
     assert not list(cell.glob("wandb")) and not (cell / "summary.json").exists()
+
+
+@pytest.mark.parametrize("delay,flag", [(None, "#SBATCH --signal=USR2@120"), (300, "#SBATCH --signal=USR2@300")])
+def test_slurm_launcher_asks_for_the_signal_ahead_of_the_limit(tmp_path, monkeypatch, delay, flag):
+    from test_slurm import _sbatch_script
+
+    if not shutil.which("srun"):  # submitit's executor looks for srun before writing a script
+        (tmp_path / "bin").mkdir()
+        (tmp_path / "bin" / "srun").write_text("#!/bin/sh\n")
+        (tmp_path / "bin" / "srun").chmod(0o755)
+        monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+
+    extra = [] if delay is None else [f"launcher.signal_delay_s={delay}"]
+    script = _sbatch_script(["launcher=slurm", "launcher.partition=gpu", *extra], tmp_path)
+    assert flag in script.splitlines()
+
+
+SIG_CELL = ["model=tiny", "data=tiny", "strategy=sft", "merge=none", "eval=none", "logger.mode=offline",
+            "experiment=sig", "strategy.sft.trainer.max_steps=5", "strategy.sft.trainer.save_steps=50",
+            "strategy.sft.trainer.logging_steps=1", "strategy.sft.trainer.lr_scheduler_type=constant",
+            "strategy.sft.trainer.warmup_steps=0"]
+
+
+def _sft(runs: Path) -> tuple[dict, bytes]:
+    (cell,) = [p for p in (runs / "sig").iterdir() if p.is_dir() and not p.name.startswith(".")]
+    s = json.loads((cell / "summary.json").read_text())
+    return s, (cell / "stages" / "sft" / "final" / "model.safetensors").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def sft_reference(tmp_path_factory, tiny_model):
+    runs = tmp_path_factory.mktemp("sig_ref")
+    run_train(SIG_CELL, runs)
+    return _sft(runs)
+
+
+@pytest.mark.parametrize("sig", [pytest.param("TERM"), pytest.param("USR2", marks=pytest.mark.slow)])
+def test_preemption_signal_checkpoints_at_the_next_step_and_the_rerun_matches(sig, tmp_path, sft_reference):
+    """SIGTERM/SIGUSR2 at step 3 of 5 (no checkpoint is due before step 50): the stage writes
+    checkpoint-3 at once and exits 128+signal; the rerun resumes from it (nothing lost but the
+    step in flight) and ends bit-identical to an uninterrupted run, with the same train_loss."""
+    import signal as sg
+
+    p = run_train([*SIG_CELL, "experiment=sig"], tmp_path, env={"DFT_FAULT": f"step:3:{sig}"}, check=False)
+    out = p.stdout + p.stderr
+    assert p.returncode == 128 + getattr(sg, f"SIG{sig}"), out[-3000:]
+    assert f"received SIG{sig}: saving a checkpoint at the next step boundary, then exiting" in out
+    (work,) = list((tmp_path / "_stages").glob("*/work"))
+    assert sorted(c.name for c in work.glob("checkpoint-*")) == ["checkpoint-3"]
+    assert not list(tmp_path.rglob("summary.json"))
+    run_train(SIG_CELL, tmp_path)
+    s, w = _sft(tmp_path)
+    ref_s, ref_w = sft_reference
+    assert w == ref_w
+    t, ref_t = s["train"]["sft"], ref_s["train"]["sft"]
+    assert (t["steps"], t["resumed_from"], t["attempts"]) == (5, "checkpoint-3", 2)
+    assert t["train_loss"] == ref_t["train_loss"]
+    # one W&B run id for the cell, its two attempts' offline runs
+    (cell,) = [c for c in (tmp_path / "sig").iterdir() if c.is_dir() and not c.name.startswith(".")]
+    ids = {d.name.rsplit("-", 1)[1] for d in (cell / "wandb").glob("offline-run-*")}
+    assert len(ids) == 1 and len(list((cell / "wandb").glob("offline-run-*"))) == 2

@@ -83,15 +83,16 @@ class PreemptionSignals:
         return False
 
     def hand_over(self) -> None:
-        """After the checkpoint: call the previous handler (submitit requeues on SIGUSR2 and exits);
-        where it does nothing (submitit bypasses SIGTERM) or is the default, exit 128 + signum."""
+        """After the checkpoint, for SIGTERM and SIGUSR2 alike: call the SIGUSR2 handler that was
+        there before (submitit's: requeue the job and exit; submitit itself only logs SIGTERM,
+        which is how a requeue lost work), else exit with 128 + the signal number."""
         signum = self.received
         if signum is None:
             return
-        prev = self._previous.get(signum)
+        prev = self._previous.get(signal.SIGUSR2)
         log.warning("stage checkpointed after %s; exiting so the job is requeued", signal.Signals(signum).name)
         if callable(prev):
-            prev(signum, None)
+            prev(signal.SIGUSR2, None)
         sys.stdout.flush()
         sys.stderr.flush()
         raise SystemExit(128 + signum)
@@ -104,6 +105,7 @@ class StageCallback(TrainerCallback):
         self.signals = signals
 
     def on_step_end(self, args, state, control, **kwargs):
+        fault_point("step")
         if self.signals is not None and self.signals.received is not None:
             control.should_save = True
             control.should_training_stop = True

@@ -132,6 +132,46 @@ def _sft(runs: Path) -> tuple[dict, bytes]:
     return s, (cell / "stages" / "sft" / "final" / "model.safetensors").read_bytes()
 
 
+def wandb_records(path: Path):
+    """The protobuf records of a wandb ``run-*.wandb`` file: a 7-byte ``:W&B`` header, then
+    LevelDB's log format (32 KiB blocks; each chunk: crc32, 2-byte length, type FULL/FIRST/MIDDLE/
+    LAST). Parsed with wandb's own ``Record`` class."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, buf = 7, 32768, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # block trailer padding
+            pos += block - pos % block
+            continue
+        length, kind = struct.unpack("<HB", data[pos + 4:pos + 7])
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == 0 and length == 0:
+            break
+        buf += chunk
+        if kind in (1, 4):  # FULL or LAST: a whole record
+            r = pb.Record()
+            r.ParseFromString(buf)
+            buf = b""
+            yield r
+
+
+def logged_steps(offline_run: Path) -> list[int]:
+    """``train/global_step`` of every training-loss row of a wandb offline run."""
+    (f,) = offline_run.glob("run-*.wandb")
+    steps = []
+    for r in wandb_records(f):
+        if r.WhichOneof("record_type") == "history":
+            items = {i.key or "/".join(i.nested_key): i.value_json for i in r.history.item}
+            if "train/loss" in items and "train/global_step" in items:
+                steps.append(int(json.loads(items["train/global_step"])))
+    return steps
+
+
 @pytest.fixture(scope="module")
 def sft_reference(tmp_path_factory, tiny_model):
     runs = tmp_path_factory.mktemp("sig_ref")
@@ -163,4 +203,7 @@ def test_preemption_signal_checkpoints_at_the_next_step_and_the_rerun_matches(si
     # one W&B run id for the cell, its two attempts' offline runs
     (cell,) = [c for c in (tmp_path / "sig").iterdir() if c.is_dir() and not c.name.startswith(".")]
     ids = {d.name.rsplit("-", 1)[1] for d in (cell / "wandb").glob("offline-run-*")}
-    assert len(ids) == 1 and len(list((cell / "wandb").glob("offline-run-*"))) == 2
+    attempts = sorted((cell / "wandb").glob("offline-run-*"))
+    assert len(ids) == 1 and len(attempts) == 2
+    # the run's history continues: steps 1-3 in the first attempt, 4-5 in the second (no gap, no repeat)
+    assert [logged_steps(a) for a in attempts] == [[1, 2, 3], [4, 5]]

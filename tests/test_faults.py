@@ -174,6 +174,17 @@ def test_whole_run_loss_weights_each_log_by_its_steps():
     assert whole_run_loss(hist, 6) is None  # step 6 never logged
 
 
+def test_finished_checkpoint_is_at_this_runs_last_step(tmp_path):
+    from dft.stages.resume import finished_checkpoint
+
+    ck = tmp_path / "checkpoint-6"
+    ck.mkdir()
+    (ck / "trainer_state.json").write_text(json.dumps({"global_step": 6, "max_steps": 6}))
+    assert finished_checkpoint(str(ck), 6) and finished_checkpoint(str(ck), -1)  # -1: the state's total
+    assert not finished_checkpoint(str(ck), 10)  # a longer run continues from it
+    assert not finished_checkpoint(None) and not finished_checkpoint(str(tmp_path / "checkpoint-9"), 9)
+
+
 def test_fault_spec_is_checked():
     from dft.faults import parse
 

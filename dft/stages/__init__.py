@@ -168,7 +168,7 @@ def run_or_restore(trainer, work_dir: Path, kind: str) -> tuple[str | None, floa
     signals = rs.PreemptionSignals()
     rs.install(trainer, signals)
     ckpt = last_checkpoint(work_dir)
-    if rs.finished_checkpoint(ckpt):
+    if rs.finished_checkpoint(ckpt, trainer.args.max_steps):
         rs.restore_finished(trainer, ckpt)
         loss = rs.whole_run_loss(trainer.state.log_history, trainer.state.global_step)
     else:

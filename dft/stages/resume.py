@@ -139,15 +139,17 @@ def install(trainer, signals: Optional[PreemptionSignals]) -> StageCallback:
     return cb
 
 
-def finished_checkpoint(checkpoint: Optional[str]) -> bool:
-    """True when ``checkpoint``'s trainer state is at its last step (``global_step >= max_steps``)."""
+def finished_checkpoint(checkpoint: Optional[str], max_steps: int = -1) -> bool:
+    """True when ``checkpoint`` is at the last step: ``global_step >= max_steps`` (this run's
+    ``max_steps`` when > 0, else the total its trainer state recorded for an epoch budget)."""
     if not checkpoint:
         return False
     try:
         st = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
     except (OSError, ValueError):
         return False
-    return st.get("max_steps", 0) > 0 and st.get("global_step", 0) >= st["max_steps"]
+    last = max_steps if max_steps and max_steps > 0 else st.get("max_steps", 0)
+    return last > 0 and st.get("global_step", 0) >= last
 
 
 def restore_token_count(trainer, checkpoint: Optional[str]) -> None:

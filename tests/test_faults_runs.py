@@ -160,6 +160,19 @@ def wandb_records(path: Path):
             yield r
 
 
+def summary_values(offline_run: Path, key: str) -> list[float]:
+    """Every update of run-summary key ``key`` in a wandb offline run (transformers' W&B callback
+    puts the end-of-training metrics such as ``train_loss`` there)."""
+    (f,) = offline_run.glob("run-*.wandb")
+    out = []
+    for r in wandb_records(f):
+        if r.WhichOneof("record_type") == "summary":
+            for i in r.summary.update:
+                if (i.key or "/".join(i.nested_key)) == key:
+                    out.append(json.loads(i.value_json))
+    return out
+
+
 def logged_steps(offline_run: Path) -> list[int]:
     """``train/global_step`` of every training-loss row of a wandb offline run."""
     (f,) = offline_run.glob("run-*.wandb")
@@ -207,3 +220,7 @@ def test_preemption_signal_checkpoints_at_the_next_step_and_the_rerun_matches(si
     assert len(ids) == 1 and len(attempts) == 2
     # the run's history continues: steps 1-3 in the first attempt, 4-5 in the second (no gap, no repeat)
     assert [logged_steps(a) for a in attempts] == [[1, 2, 3], [4, 5]]
+    # W&B's train_loss is the whole run's too (transformers would log the mean over steps 4-5)
+    assert summary_values(attempts[1], "train_loss") == [t["train_loss"]]
+    resumed = [e["loss"] for e in t["log_history"] if "loss" in e][3:]  # steps 4-5
+    assert len(resumed) == 2 and t["train_loss"] != pytest.approx(sum(resumed) / 2, rel=1e-6)

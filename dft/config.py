@@ -104,7 +104,9 @@ class MergeConfig:
     at: str = "final"  #: ``final`` (chain's last artefact) | ``each`` (after every stage)
     partner: Optional[str] = None  #: path or hub id; null = the model config's partner
     params: Dict[str, Any] = field(default_factory=dict)  #: mergekit ``parameters``
-    dtype: str = "float32"
+    dtype: str = "float32"  #: mergekit's computation dtype
+    #: dtype of the saved merge; null = the two models' own dtype (float32 when they differ)
+    out_dtype: Optional[str] = None
     kinship: bool = True  #: compute model kinship (arXiv 2410.12613) with each merge
 
 
@@ -194,6 +196,9 @@ class LauncherConfig:
     mem_gb: int = 8
     array_parallelism: int = 16
     max_num_timeout: int = 3
+    #: SLURM sends USR2 this many seconds before the time limit (``sbatch --signal=USR2@<s>``): the
+    #: training stage checkpoints at the next step and the job is requeued
+    signal_delay_s: int = 120
     setup: List[str] = field(default_factory=list)
     wait: bool = True  #: the submitting shell waits for the sweep (false: submit and return)
     # graph launcher (launcher=slurm): each node kind's jobs; None fields take the values above
@@ -243,6 +248,8 @@ class TrainConfig:
     force: bool = False  #: recompute this cell even if it finished
     dry_run: bool = False  #: compose, validate and print the plan; train nothing
     device: str = "auto"  #: ``auto`` | ``cpu`` | ``cuda``
+    #: a second process on a cell another process is running: ``wait`` for it | ``exit`` at once
+    busy: str = "wait"
 
 
 def plain(node: Any) -> Any:
@@ -275,6 +282,110 @@ def _choice(key: str, value: Any, allowed) -> None:
         raise DftError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}")
 
 
+#: Allowed ranges of the numbers users set most: (low, high, low_open, high_open); None = unbounded.
+#: ``strategy.<stage>.trainer`` keys are TRL/transformers fields (TRL checks types, not ranges).
+TRAINER_RANGES = {
+    "learning_rate": (0, 1, True, False),
+    "beta": (0, None, True, True),  # DPO's KL weight, ORPO's odds-ratio weight (lambda)
+    "adam_beta1": (0, 1, False, True),
+    "adam_beta2": (0, 1, False, True),
+    "adam_epsilon": (0, None, True, True),
+    "weight_decay": (0, None, False, True),
+    "max_grad_norm": (0, None, False, True),
+    "num_train_epochs": (0, None, True, True),
+    "per_device_train_batch_size": (1, None, False, True),
+    "per_device_eval_batch_size": (1, None, False, True),
+    "gradient_accumulation_steps": (1, None, False, True),
+    "warmup_steps": (0, None, False, True),  # a float < 1 is a fraction of the steps
+    "warmup_ratio": (0, 1, False, False),
+    "max_length": (1, None, False, True),
+    "logging_steps": (0, None, True, True),
+    "save_steps": (0, None, True, True),
+    "save_total_limit": (1, None, False, True),
+}
+#: mergekit parameters (scalars, per-layer lists, or ``[{filter, value}]`` lists of them)
+MERGE_PARAM_RANGES = {"t": (0, 1, False, False), "density": (0, 1, True, False), "weight": (None, None, True, True)}
+INT_KEYS = {"per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "max_length",
+            "save_total_limit", "max_steps"}
+
+
+def _interval(rng) -> str:
+    lo, hi, lo_open, hi_open = rng
+    return f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{')' if hi_open else ']'}"
+
+
+def _in_range(key: str, value: Any, rng, integer: bool = False) -> None:
+    import math
+
+    from dft import DftError
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not float(value).is_integer()):
+        raise DftError(f"{key}={value!r} must be {'an integer' if integer else 'a number'} in {_interval(rng)}")
+    lo, hi, lo_open, hi_open = rng
+    ok = math.isfinite(value)
+    if ok and lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if ok and hi is not None:
+        ok = value < hi if hi_open else value <= hi
+    if not ok:
+        raise DftError(f"{key}={value!r} is out of range: allowed {_interval(rng)}")
+
+
+def _numbers(node: Any):
+    """Every number in a mergekit parameter value: a scalar, a list, or ``[{filter, value}]``."""
+    if isinstance(node, dict):
+        if "value" in node:
+            yield from _numbers(node["value"])
+        return
+    if isinstance(node, (list, tuple)):
+        for v in node:
+            yield from _numbers(v)
+        return
+    yield node
+
+
+def validate_ranges(cfg: Any) -> None:
+    """Refuse out-of-range learning rates, betas, epochs/steps, batch sizes, LoRA r/alpha/dropout,
+    merge t/density/weight and eval sizes, one line naming the key and the allowed range.
+
+    ``max_steps`` is -1 (train ``num_train_epochs``) or at least 1: transformers trains one step
+    with 0.
+
+    Raises:
+        dft.DftError: e.g. ``strategy.dpo.trainer.learning_rate=-0.0001 is out of range: allowed (0, 1]``.
+    """
+    from dft import DftError
+
+    for stage in cfg.strategy.chain:
+        trainer = plain(cfg.strategy[stage].trainer) or {}
+        for k, rng in TRAINER_RANGES.items():
+            if trainer.get(k) is not None:
+                _in_range(f"strategy.{stage}.trainer.{k}", trainer[k], rng, integer=k in INT_KEYS)
+        if "max_steps" in trainer and trainer["max_steps"] is not None:
+            ms = trainer["max_steps"]
+            if isinstance(ms, bool) or not isinstance(ms, int) or not (ms == -1 or ms >= 1):
+                raise DftError(f"strategy.{stage}.trainer.max_steps={ms!r} must be -1 (train num_train_epochs) "
+                               "or an integer >= 1 (0 would train one step)")
+        ms = cfg.strategy[stage].max_samples
+        if ms is not None:
+            _in_range(f"strategy.{stage}.max_samples", ms, (1, None, False, True), integer=True)
+    if cfg.peft.method in ("lora", "qlora"):
+        _in_range("peft.r", cfg.peft.r, (1, None, False, True), integer=True)
+        _in_range("peft.alpha", cfg.peft.alpha, (0, None, True, True))
+        _in_range("peft.dropout", cfg.peft.dropout, (0, 1, False, True))
+    if cfg.merge.method != "none":
+        for k, v in (plain(cfg.merge.params) or {}).items():
+            if k in MERGE_PARAM_RANGES:
+                for x in _numbers(v):
+                    _in_range(f"merge.params.{k}", x, MERGE_PARAM_RANGES[k])
+        _choice("merge.dtype", cfg.merge.dtype, DTYPES[1:])
+        if cfg.merge.out_dtype is not None:
+            _choice("merge.out_dtype", cfg.merge.out_dtype, DTYPES[1:])
+    for key in ("max_items", "ppl_max_docs", "ppl_max_tokens"):
+        if cfg.eval[key] is not None:
+            _in_range(f"eval.{key}", cfg.eval[key], (1, None, False, True), integer=True)
+
+
 def validate(cfg: Any) -> None:
     """Check what the schema cannot type: allowed values and the chain's stages.
 
@@ -303,6 +414,7 @@ def validate(cfg: Any) -> None:
         raise DftError(f"model.max_shard_size={cfg.model.max_shard_size!r} is not a size like 100MB or 5GB") from None
     _choice("logger.mode", cfg.logger.mode, ("auto", "online", "offline", "disabled"))
     _choice("device", cfg.device, ("auto", "cpu", "cuda"))
+    _choice("busy", cfg.busy, ("wait", "exit"))
     _choice("model.dtype", cfg.model.dtype, DTYPES)
     if cfg.eval.dtype is not None:
         _choice("eval.dtype", cfg.eval.dtype, DTYPES)
@@ -310,6 +422,7 @@ def validate(cfg: Any) -> None:
         value = cfg.eval[key]
         if value is not None and value < 1:
             raise DftError(f"eval.{key}={value} must be at least 1" + (" (or null)" if key == "ppl_batch_size" else ""))
+    validate_ranges(cfg)
     for bench in cfg.eval.benchmarks:
         if bench not in cfg.data.eval:
             raise DftError(

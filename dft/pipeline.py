@@ -27,8 +27,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from dft import DftError
 from dft.config import STAGE_SPLIT, validate
+from dft.faults import fault_point
 from dft.keys import flat_config, uniform_metrics
-from dft.runs import StageCache, canonical_hash, file_digest, link, meta, read_json, write_json
+from dft.runs import (StageCache, canonical_hash, cell_lock, file_digest, link, meta, read_json, remove_stale_tmp,
+                      write_json)
 from dft.stats import UNCERTAINTY_SUFFIXES, is_uncertainty_key
 
 log = logging.getLogger("dft")
@@ -196,7 +198,8 @@ class Cell:
         precision = {"dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "device": self.device}
         metrics: dict[str, float] = {}
         tmp = cache_dir.with_name(cache_dir.name + f".tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
+        for old in cache_dir.parent.glob(cache_dir.name + ".tmp-*"):  # killed writers' (we hold the lock)
+            shutil.rmtree(old, ignore_errors=True)
         tmp.mkdir(parents=True)
         for bench, items in self.benchmarks.items():
             tok.padding_side = "left"
@@ -232,6 +235,7 @@ class Cell:
 
                 judge_transcripts(chat, judge_cfg, out_dir=tmp, artefact=art.name)
         write_json(tmp / "metrics.json", metrics)
+        fault_point("eval_write")
         shutil.rmtree(cache_dir, ignore_errors=True)
         os.replace(tmp, cache_dir)
         log.info("evaluated %s in %.0f s: %s", art.name, time.time() - t0,
@@ -266,9 +270,11 @@ class Cell:
                     log.info("stage %s: another cell trained it meanwhile; reusing", name)
                 else:
                     entry = self.cache.entry(key)
+                    attempts = None
                     if rank0:
                         self.cache.prepare(key)
                         write_json(entry / "lineage.json", lineage)
+                        attempts = self.cache.attempt(key)
                     self._barrier()
                     sc = cfg.strategy[stage]
                     use = rows[: sc.max_samples] if sc.max_samples else rows
@@ -280,6 +286,7 @@ class Cell:
                                         report_to=self.tracker.report_to if self.tracker else "none", seed=cfg.seed,
                                         save=rank0)
                     self.current_stage = None
+                    facts["attempts"] = attempts
                     if rank0:
                         self.cache.commit(key, {"lineage": lineage, "train": facts, "artefact": name})
                     self._barrier()
@@ -320,13 +327,24 @@ class Cell:
 
     # ------------------------------------------------------------------ the cell
     def run(self) -> Optional[float]:
-        from dft.modeling import resolve_model_path
-        from dft.tracking import Tracker, scrub
+        """Run the cell; a second process on the same cell waits for the first (``busy=wait``) or
+        exits naming it (``busy=exit``): one cell, one runner (:func:`dft.runs.cell_lock`)."""
+        from dft.distributed import is_rank0
 
         cfg = self.cfg
         if cfg.dry_run:  # before the finished-cell skip: a finished cell's plan says what is cached
             self.print_plan()
             return None
+        if not is_rank0():  # rank 0 holds the cell's lock for all ranks of a multi-process job
+            return self._run()
+        with cell_lock(self.run_dir, f"{cfg.experiment}/{self.cell}", wait=cfg.busy == "wait"):
+            return self._run()
+
+    def _run(self) -> Optional[float]:
+        from dft.modeling import resolve_model_path
+        from dft.tracking import Tracker, scrub
+
+        cfg = self.cfg
         summary_path = self.run_dir / "summary.json"
         old = read_json(summary_path)
         if old and old.get("status") == "finished" and not cfg.force:
@@ -335,6 +353,8 @@ class Cell:
             return old.get("objective")
 
         validate(cfg)
+        for p in remove_stale_tmp(cfg.paths.stages, self.run_dir):
+            log.info("removed %s (left by a killed process)", p)
         rows = self.check_inputs()
         from dft.plan import missing_weights
 
@@ -416,6 +436,7 @@ class Cell:
                 ok = True
                 return None
             summary = self.summary(merges, partner)
+            fault_point("summary")
             write_json(summary_path, summary)
             if self.tracker:
                 self.tracker.summary(summary["metrics"])
@@ -487,7 +508,8 @@ class Cell:
         train = {}
         for name, f in self.train_facts.items():
             train[name] = {k: f.get(k) for k in ("train_loss", "runtime_s", "steps", "rows", "rows_dropped_long_prompt",
-                                                 "audit", "probe", "trainable_params", "total_params", "cached", "log_history")}
+                                                 "audit", "probe", "trainable_params", "total_params", "cached",
+                                                 "log_history", "resumed_from", "attempts")}
         return {
             "experiment": cfg.experiment, "cell": self.cell, "model": cfg.model.name, "family": cfg.model.family,
             "start": cfg.model.start, "strategy": cfg.strategy.name, "chain": list(cfg.strategy.chain),

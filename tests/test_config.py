@@ -136,3 +136,61 @@ def test_validate_rejects_in_one_line_naming_the_key(override, message):
 
     with pytest.raises(DftError, match=message):
         validate(compose([override]))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["strategy=dpo", "strategy.dpo.trainer.learning_rate=-1e-4"],
+     r"^strategy\.dpo\.trainer\.learning_rate=-0\.0001 is out of range: allowed \(0, 1\]$"),
+    (["strategy=sft", "strategy.sft.trainer.learning_rate=3"],
+     r"^strategy\.sft\.trainer\.learning_rate=3 is out of range: allowed \(0, 1\]$"),
+    (["strategy=dpo", "strategy.dpo.trainer.beta=0"], r"^strategy\.dpo\.trainer\.beta=0 is out of range: allowed \(0, inf\)$"),
+    (["strategy=orpo", "strategy.orpo.trainer.beta=-0.1"], r"^strategy\.orpo\.trainer\.beta=-0\.1 is out of range"),
+    (["strategy=sft", "+strategy.sft.trainer.adam_beta2=1.0"],
+     r"^strategy\.sft\.trainer\.adam_beta2=1\.0 is out of range: allowed \[0, 1\)$"),
+    (["strategy=sft", "strategy.sft.trainer.max_steps=0"],
+     r"^strategy\.sft\.trainer\.max_steps=0 must be -1 \(train num_train_epochs\) or an integer >= 1 \(0 would train one step\)$"),
+    (["strategy=cpt", "strategy.cpt.trainer.num_train_epochs=0"],
+     r"^strategy\.cpt\.trainer\.num_train_epochs=0 is out of range: allowed \(0, inf\)$"),
+    (["strategy=sft", "strategy.sft.trainer.per_device_train_batch_size=0"],
+     r"^strategy\.sft\.trainer\.per_device_train_batch_size=0 is out of range: allowed \[1, inf\)$"),
+    (["strategy=sft", "strategy.sft.trainer.gradient_accumulation_steps=1.5"],
+     r"^strategy\.sft\.trainer\.gradient_accumulation_steps=1\.5 must be an integer in \[1, inf\)$"),
+    (["strategy=sft", "strategy.sft.trainer.learning_rate=fast"],
+     r"^strategy\.sft\.trainer\.learning_rate='fast' must be a number in \(0, 1\]$"),
+    (["peft.r=0"], r"^peft\.r=0 is out of range: allowed \[1, inf\)$"),
+    (["peft.alpha=-8"], r"^peft\.alpha=-8 is out of range: allowed \(0, inf\)$"),
+    (["peft.dropout=1.0"], r"^peft\.dropout=1\.0 is out of range: allowed \[0, 1\)$"),
+    (["merge=slerp", "merge.params.t=1.5"], r"^merge\.params\.t=1\.5 is out of range: allowed \[0, 1\]$"),
+    (["merge=slerp", "merge.params.t.0.value=[0,0.5,-0.3,0.7,1]"], r"^merge\.params\.t=-0\.3 is out of range"),
+    (["merge=dare_ties", "merge.params.density=0"], r"^merge\.params\.density=0 is out of range: allowed \(0, 1\]$"),
+    (["merge=slerp", "merge.out_dtype=fp8"], r"^merge\.out_dtype='fp8' is not one of float32, bfloat16, float16$"),
+    (["eval.max_items=0"], r"^eval\.max_items=0 is out of range: allowed \[1, inf\)$"),
+    (["eval.ppl_max_tokens=-5"], r"^eval\.ppl_max_tokens=-5 is out of range: allowed \[1, inf\)$"),
+])
+def test_validate_rejects_out_of_range_numbers_naming_key_and_range(overrides, message):
+    from dft import DftError
+    from dft.config import validate
+
+    with pytest.raises(DftError, match=message):
+        validate(compose(overrides))
+
+
+@pytest.mark.parametrize("overrides", [
+    ["strategy=sft", "strategy.sft.trainer.max_steps=-1"], ["strategy=dpo", "strategy.dpo.trainer.learning_rate=1"],
+    ["merge=slerp", "merge.params.t=0"], ["merge=task_arithmetic"], ["merge=dare_ties"], ["peft.dropout=0"],
+    ["eval.max_items=null"], ["strategy=cpt", "strategy.cpt.trainer.warmup_steps=0.05"]])
+def test_validate_accepts_in_range_numbers(overrides):
+    from dft.config import validate
+
+    validate(compose(overrides))
+
+
+def test_dry_run_refuses_a_negative_learning_rate_in_one_line(tmp_path):
+    from conftest import run_train
+
+    p = run_train(["strategy=dpo", "strategy.dpo.trainer.learning_rate=-1e-4", "dry_run=true", "model=tiny", "data=tiny"],
+                  tmp_path, check=False, timeout=300)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines()[-1] == (
+        "error: strategy.dpo.trainer.learning_rate=-0.0001 is out of range: allowed (0, 1]")
+    assert "Traceback" not in p.stderr

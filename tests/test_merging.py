@@ -412,3 +412,40 @@ def test_merge_allocator_setting_maps_large_blocks_and_restores_glibc_ceiling():
                          cwd=ROOT)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["inside"] >= r["n"] and r["after"] == 0, r
+
+
+def _as_bf16(src: Path, dest: Path) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).save_pretrained(dest)
+    _tokenizer().save_pretrained(dest)
+    return dest
+
+
+def test_out_dtype_defaults_to_the_models_own_and_is_recorded(pair, tmp_path):
+    """merge.dtype is the computation, merge.out_dtype the saved weights: a bf16 pair merged in
+    float32 is saved bf16 (half the bytes of fp32), recorded in mergekit.yaml and the info."""
+    import yaml
+
+    from dft.merging.backend import weights_dtype
+
+    partner, ft = pair
+    p16, f16 = _as_bf16(partner, tmp_path / "p16"), _as_bf16(ft, tmp_path / "f16")
+    assert (weights_dtype(str(p16)), weights_dtype(str(partner))) == ("bfloat16", "float32")
+    cfg = {"method": "slerp", "params": {"t": 0.5}, "dtype": "float32"}
+    info = merge_models(cfg, str(f16), str(p16), str(tmp_path / "m16"))
+    assert (info["dtype"], info["out_dtype"]) == ("float32", "bfloat16")
+    doc = yaml.safe_load((tmp_path / "m16" / "mergekit.yaml").read_text())
+    assert (doc["dtype"], doc["out_dtype"]) == ("float32", "bfloat16")
+    got = _tensors(tmp_path / "m16")
+    assert {t.dtype for t in got.values()} == {torch.bfloat16}
+    # the fp32 pair stays fp32 by default; an explicit out_dtype wins
+    info32 = merge_models(cfg, str(ft), str(partner), str(tmp_path / "m32"))
+    assert info32["out_dtype"] == "float32" and {t.dtype for t in _tensors(tmp_path / "m32").values()} == {torch.float32}
+    info_b = merge_models({**cfg, "out_dtype": "bfloat16"}, str(ft), str(partner), str(tmp_path / "mb"))
+    assert info_b["out_dtype"] == "bfloat16"
+    size32 = (tmp_path / "m32" / "model.safetensors").stat().st_size
+    size16 = (tmp_path / "mb" / "model.safetensors").stat().st_size
+    assert size16 < 0.52 * size32  # half the tensor bytes, plus the same JSON header
+    # a mixed pair (bf16 + fp32) is saved float32: nothing of the fp32 model is rounded
+    assert merge_models(cfg, str(ft), str(p16), str(tmp_path / "mix"))["out_dtype"] == "float32"

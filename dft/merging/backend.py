@@ -120,12 +120,44 @@ def _check_params(method: str, params: Dict[str, Any]) -> None:
         )
 
 
+#: safetensors header dtype names -> torch dtype names mergekit takes
+_ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def weights_dtype(path: str) -> Optional[str]:
+    """The floating dtype of a local model's weights, from its first safetensors header (no tensor
+    is read); None for a hub id, a folder without safetensors or mixed float dtypes."""
+    import json
+    import struct
+
+    files = sorted(Path(path).expanduser().glob("*.safetensors")) if Path(path).expanduser().is_dir() else []
+    if not files:
+        return None
+    with open(files[0], "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+    found = {_ST_DTYPES.get(v.get("dtype")) for k, v in header.items() if k != "__metadata__"} - {None}
+    return found.pop() if len(found) == 1 else None
+
+
+def resolve_out_dtype(merge_cfg: Any, model_path: str, partner_path: str) -> str:
+    """``merge.out_dtype``, or when null the dtype both models' weights are stored in (a bf16
+    pair is saved bf16), or float32 when they differ or cannot be read (no precision lost)."""
+    explicit = _field(merge_cfg, "out_dtype", None)
+    if explicit:
+        return explicit
+    a, b = weights_dtype(model_path), weights_dtype(partner_path)
+    return a if a is not None and a == b else "float32"
+
+
 def build_merge_config(merge_cfg: Any, model_path: str, partner_path: str):
     """The mergekit ``MergeConfiguration`` for ``merge_cfg`` (a :class:`dft.config.MergeConfig`).
 
     ``base_model`` is the partner; the fine-tuned model is the other input; ``merge_cfg.params``
     becomes mergekit's top-level ``parameters`` unchanged (e.g. a ``t`` filter list for SLERP).
-    Validated by mergekit's pydantic model plus a check that every parameter name is known.
+    ``dtype`` (``merge.dtype``) is what mergekit computes in, ``out_dtype`` what it saves
+    (:func:`resolve_out_dtype`). Validated by mergekit's pydantic model plus a check that every
+    parameter name is known.
     """
     from mergekit.config import MergeConfiguration
 
@@ -140,6 +172,7 @@ def build_merge_config(merge_cfg: Any, model_path: str, partner_path: str):
         "base_model": partner,
         "models": [{"model": partner}, {"model": model}],
         "dtype": _field(merge_cfg, "dtype", "float32"),
+        "out_dtype": resolve_out_dtype(merge_cfg, model_path, partner_path),
     }
     if params:
         doc["parameters"] = params
@@ -301,7 +334,8 @@ def merge_models(
     ``bench/merge_bench.py`` measures it: 1.47x one model for SmolLM2-135M.
 
     Returns:
-        ``{"method", "config_yaml", "seconds", "out_dir", "skipped"}``.
+        ``{"method", "config_yaml", "seconds", "out_dir", "skipped", "dtype", "out_dtype"}`` (the
+        computation and the saved weights' dtype; both also in ``mergekit.yaml``).
 
     Raises:
         dft.DftError: incompatible models (checked from the configs, before any tensor is read),
@@ -311,7 +345,8 @@ def merge_models(
     method = _field(merge_cfg, "method", "none")
     config = build_merge_config(merge_cfg, model_path, partner_path)
     yaml_text = config.to_yaml() + "\n"
-    info = {"method": method, "config_yaml": yaml_text, "seconds": 0.0, "out_dir": str(out), "skipped": False}
+    info = {"method": method, "config_yaml": yaml_text, "seconds": 0.0, "out_dir": str(out), "skipped": False,
+            "dtype": config.dtype, "out_dtype": config.out_dtype}
     if _complete(out) and not force:
         existing = (out / MERGEKIT_YAML).read_text()
         if existing != yaml_text:
@@ -351,6 +386,9 @@ def merge_models(
         (tmp / MERGEKIT_YAML).write_text(yaml_text)
         _copy_tokenizer(tokenizer_source or partner_path, tmp)
         _respect_umask(tmp)
+        from dft.faults import fault_point
+
+        fault_point("merge_write")
         if out.exists() and force:
             shutil.rmtree(out)
         try:

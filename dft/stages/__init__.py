@@ -22,6 +22,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from dft import DftError
+from dft.faults import fault_point
 
 log = logging.getLogger(__name__)
 
@@ -345,6 +346,39 @@ def build_trainer(*, kind: str, stage_cfg: Any, rows: list[dict], start_path: Pa
     return trainer, tok, audit
 
 
+def run_or_restore(trainer, work_dir: Path, kind: str) -> tuple[str | None, float]:
+    """Train (resuming from the newest checkpoint in ``work_dir``), or, when that checkpoint is
+    at the last step, load it without training again; SIGTERM/SIGUSR2 during training save a
+    checkpoint at the next step boundary and exit (:mod:`dft.stages.resume`).
+
+    Returns ``(checkpoint resumed from or None, mean training loss over the whole run)``.
+    """
+    from dft.stages import resume as rs
+
+    signals = rs.PreemptionSignals()
+    rs.install(trainer, signals)
+    ckpt = last_checkpoint(work_dir)
+    if rs.finished_checkpoint(ckpt, trainer.args.max_steps):
+        rs.restore_finished(trainer, ckpt)
+        loss = rs.whole_run_loss(trainer.state.log_history, trainer.state.global_step)
+    else:
+        if ckpt:
+            log.info("stage %s: resuming from %s", kind, ckpt)
+            rs.restore_token_count(trainer, ckpt)
+        with signals:
+            result = trainer.train(resume_from_checkpoint=ckpt)
+        signals.hand_over()  # exits here after a preemption signal (the checkpoint is written)
+        loss = rs.whole_run_loss(trainer.state.log_history, trainer.state.global_step)
+        if loss is None:  # a history without a log at the last step (not written by dft)
+            loss = float(result.training_loss)
+    if loss is None:
+        raise DftError(f"stage {kind}: {ckpt} has no logged loss up to its last step; delete {work_dir} to retrain")
+    loss = float(loss)
+    if not math.isfinite(loss):
+        raise DftError(f"stage {kind}: training loss is {loss} (diverged); lower strategy.{kind}.trainer.learning_rate")
+    return ckpt, loss
+
+
 def train_stage(
     *,
     kind: str,
@@ -383,15 +417,9 @@ def train_stage(
     trainable, total = count_parameters(trainer.model)
     log.info("stage %s: %d rows, %s trainable / %s parameters (%.2f%%), device %s", kind, audit["rows"],
              f"{trainable:,}", f"{total:,}", 100.0 * trainable / max(total, 1), device)
-    resume = last_checkpoint(work_dir)
-    if resume:
-        log.info("stage %s: resuming from %s", kind, resume)
     t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=resume)
+    resume, loss = run_or_restore(trainer, work_dir, kind)
     runtime = time.time() - t0
-    loss = float(result.training_loss)
-    if not math.isfinite(loss):
-        raise DftError(f"stage {kind}: training loss is {loss} (diverged); lower strategy.{kind}.trainer.learning_rate")
     check_finite(trainer, kind)
     probe = None
     if save:
@@ -399,6 +427,7 @@ def train_stage(
         shutil.rmtree(tmp, ignore_errors=True)
         save_merged(trainer.model, start_path, model_cfg, tmp, tok)
         probe = check_saved_model(trainer, tmp, model_cfg, tok, start_path=start_path, peft_cfg=peft_cfg)
+        fault_point("final_save")
         os.replace(tmp, out_dir)
     facts = {
         "train_loss": loss,
@@ -410,7 +439,7 @@ def train_stage(
         "probe": probe,
         "trainable_params": trainable,
         "total_params": total,
-        "resumed_from": resume,
+        "resumed_from": Path(resume).name if resume else None,
         "log_history": trainer.state.log_history,
     }
     del trainer, model

@@ -66,12 +66,16 @@ class Tracker:
         self._curve_steps: set[str] = set()
         self.mode = resolve_mode(logger_cfg.mode)
         tk = logger_cfg.get("trackio") if hasattr(logger_cfg, "get") else None
-        if enabled and tk is not None and tk.get("enabled"):
+        trackio_on = enabled and tk is not None and tk.get("enabled")
+        wandb_on = enabled and logger_cfg.backend != "none" and self.mode != "disabled"
+        # one id per attempt, shared by W&B and trackio (computed once: force=true starts a new attempt)
+        rid = run_id(run_dir, force) if (trackio_on or wandb_on) else None
+        if trackio_on:
             from dft.dashboards.trackio_logger import TrackioRun
 
             self.trackio = TrackioRun(tk, project=logger_cfg.project, experiment=experiment, name=name,
-                                      run_id=run_id(experiment, cell), config=config)
-        if not enabled or logger_cfg.backend == "none" or self.mode == "disabled":
+                                      run_id=rid, config=config)
+        if not wandb_on:
             return
         import wandb
 
@@ -85,7 +89,7 @@ class Tracker:
             job_type=job_type,
             name=name,
             tags=sorted(set(tags) | set(logger_cfg.tags)),
-            id=run_id(run_dir, force),
+            id=rid,
             resume="allow",
             config=config,
             dir=str(run_dir),

@@ -561,7 +561,8 @@ class Cell:
             log.debug("memory estimate unavailable: %s", e)
         from dft.plan import format_power, power_plan
 
-        pw = format_power(power_plan({b: len(v) for b, v in self.benchmarks.items()}, self.benchmark_sizes))
+        benchmarks = getattr(self, "benchmarks", None) or {}  # set by check_inputs (absent: nothing evaluated yet)
+        pw = format_power(power_plan({b: len(v) for b, v in benchmarks.items()}, getattr(self, "benchmark_sizes", {})))
         if pw:
             lines.append("  " + pw)
         for ln in lines:

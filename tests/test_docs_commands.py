@@ -212,6 +212,10 @@ def classify(words: list[str]) -> str:
         return "build"
     if w[:3] == ["python", "-m", "dft.data.prepare"]:
         return "prepare"
+    if w[:3] in (["python", "-m", "dft.sync"], ["python", "-m", "dft.node"]):
+        return "cli"  # argparse programs that need a finished sweep / a submitted graph: parsed only
+    if w[:1] == ["python"] and w[1:2] and w[1].startswith("tests/"):
+        return "test_script"  # a test module run as a script (its __main__ prints the README's figure)
     if w[:3] == ["python", "-m", "pytest"]:
         return "pytest"
     if w[:1] == ["python"] and w[1:2] and w[1].startswith("bench/"):
@@ -349,7 +353,7 @@ def test_build_commands_compose():
 
 def test_bench_and_prepare_commands_parse():
     """The bench scripts and ``dft.data.prepare``: their own parsers accept the documented flags."""
-    cmds = _commands_of("bench") + _commands_of("prepare")
+    cmds = _commands_of("bench") + _commands_of("prepare") + _commands_of("cli")
     assert len(cmds) >= 15
     for f, w in cmds:
         if w[1] == "-m":
@@ -370,6 +374,14 @@ def test_pytest_commands_name_real_tests_and_markers():
                 assert set(re.findall(r"\w+", args[i + 1])) - {"not", "and", "or"} <= markers, (f, w)
             elif not a.startswith("-") and (i == 0 or args[i - 1] != "-m"):
                 assert (ROOT / a.split("::")[0]).exists(), (f, w)
+
+
+def test_test_scripts_exist_and_run_as_main():
+    cmds = _commands_of("test_script")
+    assert cmds, "README names no test module run as a script"
+    for f, w in cmds:
+        path = ROOT / w[1]
+        assert path.is_file() and 'if __name__ == "__main__":' in path.read_text(), (f, w)
 
 
 def test_repository_scripts_exist_and_parse():

@@ -63,7 +63,7 @@ def role_artefacts(source: Union[dict, Sequence[dict]]) -> dict[str, Optional[di
     return {"start": start, "trained": trained, "merged": merged, "final": final}
 
 
-def _is_interval(key: str) -> bool:
+def is_interval(key: str) -> bool:
     """An interval key, or an item count (``<benchmark>/n``): copied into every role, never differenced."""
     return key.endswith(INTERVAL_SUFFIXES) or key.endswith("/n")
 
@@ -96,7 +96,7 @@ def uniform_metrics(source: Union[dict, Sequence[dict]]) -> dict[str, Any]:
     if start is not None and final is not None:
         s, f = start.get("metrics") or {}, final.get("metrics") or {}
         for key, value in f.items():
-            if not _is_interval(key) and _number(value) and _number(s.get(key)):
+            if not is_interval(key) and _number(value) and _number(s.get(key)):
                 out[f"delta/{key}"] = value - s[key]
     return out
 

@@ -65,7 +65,10 @@ def test_every_cell_has_the_same_uniform_keys_in_summary_json_and_wandb(sweep):
     summaries = [_summary(c) for c in cells]
     assert {(s["strategy"], s["merge"]) for s in summaries} == {("cpt", "none"), ("cpt", "slerp"), ("sft", "none"),
                                                                  ("sft", "slerp")}
-    expected = {f"{r}{m}" for r in ROLE_PREFIXES for m in ("mascqa/acc", "mascqa/acc_ll", "ppl")}
+    base = ("mascqa/acc", "mascqa/acc_ll", "ppl")
+    # start/ and final/ carry each metric with its stderr and 95 % interval and the item count; delta/ the metrics only
+    with_ci = (*base, *(f"{k}{sfx}" for k in base for sfx in ("_stderr", "_ci_low", "_ci_high")), "mascqa/n")
+    expected = {f"{r}{m}" for r in ("start/", "final/") for m in with_ci} | {f"delta/{m}" for m in base}
     for cell, s in zip(cells, summaries):
         m = s["metrics"]
         assert {k for k in m if k.startswith(ROLE_PREFIXES)} == expected, cell.name
@@ -264,10 +267,12 @@ def test_trackio_dashboard_in_headless_chromium(sweep, tmp_path_factory):
         # the data endpoint: the sweep's 4 runs (W&B name + run id), each with final/ metrics
         assert sorted(n.split(" [")[0] for n in names) == ["tiny|cpt|none", "tiny|cpt|slerp", "tiny|sft|none",
                                                            "tiny|sft|slerp"]
+        finals: set[str] = set()
         for n in names:
             metrics = _post(f"{base}/api/get_metrics_for_run", {"project": "dft", "run": n})
             assert {"final/mascqa/acc", "final/ppl", "delta/ppl", "train/cpt/loss" if "|cpt|" in n
                     else "train/sft/loss"} <= set(metrics), n
+            finals |= {k for k in metrics if k.startswith("final/")}
         # the page, as a person sees it
         flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -283,7 +288,7 @@ def test_trackio_dashboard_in_headless_chromium(sweep, tmp_path_factory):
         for n in names:
             assert n in dom, n
         # the metrics page's final/ section with one bar chart per final/ metric
-        assert '<span class="accordion-label">final (3)</span>' in dom
+        assert f'<span class="accordion-label">final ({len(finals)})</span>' in dom  # every final/ metric (intervals too)
         for k in ("final/mascqa/acc", "final/mascqa/acc_ll", "final/ppl"):
             assert f'data-metric="{k}"' in dom, k
     finally:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from dft import DftError
+from dft.keys import is_interval
 
 #: run-config keys (under ``cell``) the runs are grouped by, in order
 GROUP_BY = ("strategy", "merge")
@@ -86,7 +87,8 @@ def sweep_facts(summaries: list[dict]) -> dict[str, Any]:
     common = None
     for s in summaries:
         keys = {k for k, v in (s.get("metrics") or {}).items()
-                if k.split("/", 1)[0] in ("final", "delta") and isinstance(v, (int, float))}
+                if k.split("/", 1)[0] in ("final", "delta") and isinstance(v, (int, float))
+                and not is_interval(k)}  # the panels plot the metrics; their intervals stay in the runs table
         common = keys if common is None else common & keys
     common = common or set()
     final = sorted(k for k in common if k.startswith("final/"))

@@ -582,7 +582,8 @@ def test_build_without_usable_replies_falls_back_says_why_and_its_yaml_trains_as
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads(next((tmp_path / "runs").rglob("summary.json")).read_text())
     assert summary["chain"] == ["cpt", "sft", "dpo"] and summary["status"] == "finished"
-    assert sorted(summary["artefacts"][0]["metrics"]) == ["ppl"]  # no benchmarks in data.eval: perplexity only
+    # no benchmarks in data.eval: perplexity only (with its interval)
+    assert sorted(summary["artefacts"][0]["metrics"]) == ["ppl", "ppl_ci_high", "ppl_ci_low", "ppl_stderr"]
 
 
 @pytest.mark.slow

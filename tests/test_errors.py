@@ -49,7 +49,7 @@ def test_unknown_typed_key_names_the_valid_keys_without_the_plus_hint(tmp_path):
     p = _train(["strategy.sft.lerning_rate=1e-4"], tmp_path)
     assert p.returncode == 2
     assert _last(p) == ("error: unknown key strategy.sft.lerning_rate: strategy.sft (StageConfig) has only kind, "
-                        "max_samples, trainer")
+                        "max_samples, truncation, nll_over, trainer")
     assert "+strategy" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 

@@ -193,11 +193,14 @@ def main(cfg: DictConfig) -> Optional[float]:
 
 
 #: what Hydra writes into every job's folder before the task starts (``.hydra/`` and the job's log)
-_HYDRA_FILES = (".hydra",)
+#: what a cell folder holds before the cell did any work: Hydra's own files and dft's cell lock
+#: (dft.runs.cell_lock; released by the time this runs)
+_HYDRA_FILES = (".hydra", ".cell.lock")
 
 
 def remove_if_unused(run_dir: Path) -> bool:
-    """Remove a cell folder that holds nothing but Hydra's own files (``.hydra/``, ``<job>.log``).
+    """Remove a cell folder that holds nothing but Hydra's own files (``.hydra/``, ``<job>.log``) and
+    the released cell lock (``.cell.lock``).
 
     Hydra creates the folder before the cell runs; a dry run (its plan goes to ``<sweep>/.plan/``)
     or a cell that failed its checks before writing ``meta.json`` would otherwise leave an empty

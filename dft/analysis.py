@@ -604,7 +604,9 @@ def claim_sentence(r: Mapping) -> str:
         return f"{who} vs {b} on {m}: no interval recorded"
     stats = _diff_text(m, r["diff"], r["ci_low"], r["ci_high"])
     p = r.get("p_adj")
-    ptxt = f"p_adj = {p:.2g}" if p is not None and not (isinstance(p, float) and math.isnan(p)) else "no p"
+    from dft.stats import format_p
+
+    ptxt = format_p(p, "p_adj") if p is not None and not (isinstance(p, float) and math.isnan(p)) else "no p"
     if r.get("significant"):
         better = (r["diff"] > 0) == higher_is_better(m)
         return f"{who} {'beats' if better else 'is worse than'} {b} on {m}: {stats}, {ptxt}"
@@ -615,12 +617,14 @@ def merge_claims(comp: pd.DataFrame) -> list[str]:
     """One sentence per (merged artefact, metric) about both of its parents (the paper's question):
     ``"... beats both parents on m: +a [..] vs p1, +b [..] vs p2 (p_adj ..)"``, ``"... is not
     distinguishable from its parents on m: ..."``, or each parent's verdict when they differ."""
+    from dft.stats import format_p
+
     out = []
     d = comp[comp["kind"] == "merge_vs_parent"]
     for (_, _, model, a, m), g in d.groupby(["sweep", "cell", "model", "a", "metric"], sort=False):
         rows = g.to_dict("records")
         parts = ", ".join(f"{_diff_text(m, r['diff'], r['ci_low'], r['ci_high'])} vs {r['b']} "
-                          f"(p_adj = {r['p_adj']:.2g})" for r in rows if r.get("ci_low") is not None and r.get("p_adj") is not None)
+                          f"({format_p(r['p_adj'], 'p_adj')})" for r in rows if r.get("ci_low") is not None and r.get("p_adj") is not None)
         sig = [bool(r.get("significant")) for r in rows]
         better = [(r["diff"] > 0) == higher_is_better(m) for r in rows]
         if len(rows) == 2 and all(sig) and all(better):

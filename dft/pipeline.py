@@ -625,9 +625,11 @@ def print_table(summary: dict) -> None:
         print(f"paired comparisons: {len(comps)}, {len(sig)} with p < 0.05 before correcting for multiplicity"
               + (":" if sig else ""))
         for c in sig:
-            scale, unit = (1, "") if c["metric"] == "ppl" else (100, " points")
-            print(f"  {c['a']} vs {c['b']} on {c['metric']}: {scale * c['diff']:+.1f}{unit} "
-                  f"[{scale * c['ci_low']:.1f}, {scale * c['ci_high']:.1f}], p = {c['p']:.2g} ({c['test']})")
+            from dft.stats import format_p
+
+            scale, unit, nd = (1, "", 3) if c["metric"] == "ppl" else (100, " points", 1)
+            print(f"  {c['a']} vs {c['b']} on {c['metric']}: {scale * c['diff']:+.{nd}f}{unit} "
+                  f"[{scale * c['ci_low']:.{nd}f}, {scale * c['ci_high']:.{nd}f}], {format_p(c['p'])} ({c['test']})")
     print(f"summary: {Path(summary.get('run_dir', '.')) / 'summary.json'}\n")
 
 

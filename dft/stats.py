@@ -123,6 +123,14 @@ def _mcnemar_p(n10: int, n01: int) -> float:
     return 1.0 if n10 + n01 == 0 else float(binomtest(n10, n10 + n01, 0.5).pvalue)
 
 
+def format_p(p: float, name: str = "p") -> str:
+    """``"p = 0.023"``, or ``"p < 0.0001"`` for a bootstrap p of 0: no resample of the
+    :data:`N_RESAMPLES` reached the null, so the p-value is below their resolution, not 0."""
+    if p == 0:
+        return f"{name} < {1 / N_RESAMPLES:g}"
+    return f"{name} = {p:.2g}"
+
+
 def bootstrap_p(distribution: np.ndarray) -> np.ndarray:
     """Two-sided bootstrap p-value of "the contrast is 0", per row of ``distribution``.
 

@@ -135,3 +135,11 @@ def test_seed_bootstrap_two_levels():
     assert seeds_only["ci_low"] >= 0.5 and seeds_only["ci_high"] <= 0.7 and seeds_only["item_se"] is None
     one = S.seed_bootstrap([0.4], 20)
     assert one["seed_sd"] is None and one["ci_low"] < 0.4 < one["ci_high"]
+
+
+def test_a_bootstrap_p_of_zero_is_printed_below_the_resampling_resolution():
+    from dft.stats import N_RESAMPLES, format_p
+
+    assert format_p(0.0) == f"p < {1 / N_RESAMPLES:g}" == "p < 0.0001"
+    assert format_p(0.0, "p_adj") == "p_adj < 0.0001"
+    assert format_p(0.0234) == "p = 0.023"

@@ -64,14 +64,3 @@ def compose(overrides: list[str] | None = None):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return hydra_compose(config_name="train", overrides=list(overrides or []))
 
-
-@pytest.fixture(autouse=True)
-def _dft_logs_reach_caplog():
-    """An in-process Hydra run (e.g. tests/test_docs_commands.py) configures logging for its job and can
-    leave the ``dft`` loggers not propagating to the root logger, where ``caplog`` listens: restore it."""
-    import logging
-
-    for name in ("dft", "dft.modeling", "dft.data", "dft.stages"):
-        lg = logging.getLogger(name)
-        lg.propagate, lg.disabled = True, False
-    yield

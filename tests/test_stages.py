@@ -144,6 +144,9 @@ def test_qlora_trains_on_cpu_and_saves_an_unquantised_model(tiny_model, tmp_path
     import json
     import logging
 
+    from dft import modeling
+
+    modeling._WARNED.clear()  # warned once per process: an earlier in-process QLoRA test may have said it
     with caplog.at_level(logging.WARNING, logger="dft.modeling"):
         _, facts, out = _train("sft", tiny_model, tmp_path, peft="qlora", steps=2)
     assert math.isfinite(facts["train_loss"])

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Download the wheels bench/gpu_check.py needs on a GPU machine that has torch, transformers, peft,
 # accelerate, pyarrow, pandas, tiktoken and sentencepiece but no package registry (this workplace's
-# nvidia-h200 image: /work/.library/device/KINDS.md), for CPython 3.12 on x86-64.
+# nvidia-h200 image, described in the device tool's KINDS.md), for CPython 3.12 on x86-64.
 #
 #   bench/gpu_wheels.sh [DIR]        # default DIR: .whl (add /.whl/ to .git/info/exclude; never commit it)
 #

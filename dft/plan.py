@@ -42,6 +42,7 @@ import argparse
 import contextlib
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -471,6 +472,24 @@ def format_power(power: Optional[dict]) -> Optional[str]:
     return line + "; recipes closer than that are not separable"
 
 
+#: the missing-weights reasons this process has printed in full (a grid of 48 hub cells says each once)
+_SAID_MISSING: set[str] = set()
+
+
+def _missing_once(message: str) -> str:
+    """``message`` the first time this process formats it; later a short form naming the model.
+
+    ``message`` is one entry of a plan's ``weights.missing`` (``"start: cannot load 'org/name': ..."``);
+    the short form is ``"start: no weights for 'org/name' (why: above)"``.
+    """
+    if message not in _SAID_MISSING:
+        _SAID_MISSING.add(message)
+        return message
+    which, _, rest = message.partition(": ")
+    m = re.search(r"'([^']+)'", rest)
+    return f"{which}: no weights for {m.group(0) if m else rest[:60]} (why: above)"
+
+
 def format_cell(plan: dict) -> str:
     """The plan of one cell as text (printed by the dry run)."""
     a = plan["assumptions"]
@@ -479,7 +498,7 @@ def format_cell(plan: dict) -> str:
              f"  weights: {plan['weights']['start'] or 'NOT HERE'}"
              + (f"; partner {plan['weights']['partner']}" if plan['weights']['partner'] not in (None, plan['weights']['start']) else "")]
     for m in plan["weights"]["missing"]:
-        lines.append(f"  ! {m} (keys are provisional, cache status unknown)")
+        lines.append(f"  ! {_missing_once(m)} (keys are provisional, cache status unknown)")
     if plan.get("demo_budget"):
         lines.append(f"  ! {demo_budget_warning(plan['demo_budget'], plan['model'])}")
     head = f"  {'artefact':<22} {'key':<16} {'cached':>6} {'steps':>7} {'batch':>5} {'tokens':>12} {'k':>2} {'GPU-h':>9}"

@@ -230,7 +230,8 @@ def build_report(sweeps, out: str | os.PathLike | None = None, metrics: Sequence
     res = pd.concat([rel_u[id_cols], interval_frame(rel_u, all_metrics, digits)], axis=1)
     add(markdown_table(res.reset_index(drop=True), digits, formats={m: str for m in all_metrics}))
     add("### Relative to the baseline\n")
-    relcols = {f"{m}:relative": f"{m} vs baseline" for m in all_metrics}
+    relcols = {f"{m}:relative": f"{m} vs baseline ({'+ = higher' if A.higher_is_better(m) else '+ = lower'})"
+               for m in all_metrics}
     tab = rel_u[id_cols[:-1] + ["baseline_of"] + list(relcols)].rename(columns=relcols)
     add(markdown_table(tab.reset_index(drop=True), digits, formats={v: pct for v in relcols.values()}))
 

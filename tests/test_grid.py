@@ -298,6 +298,10 @@ def test_a_paper_grid_plans_without_its_weights(tmp_path):
     assert "dry-run plan of" in p.stdout and "4 cells" in p.stdout
     assert "distinct stages: 6 (6 to train, 0 cached)" in p.stdout   # cpt, sft, dpo for base and instruct
     assert "have no weights on this machine" in p.stdout
+    # each model's missing-weights reason in full once, then one short line per cell naming the model
+    full = [ln for ln in p.stdout.splitlines() if "cannot load" in ln]
+    assert len(full) == len(set(full)) and any("'meta-llama/Llama-3.1-8B'" in ln for ln in full), full
+    assert "  ! start: no weights for 'meta-llama/Llama-3.1-8B' (why: above) (keys are provisional" in p.stdout
     grid = json.loads((tmp_path / "paper_llama" / ".plan" / "_grid.json").read_text())
     assert 0 < grid["gpu_hours_all"] < 10
     assert not (tmp_path / "hf").exists() or not list((tmp_path / "hf").rglob("*.safetensors"))

@@ -257,7 +257,19 @@ def test_report_relative_table_and_judge_links(report, sweeps):
     path, text = report
     (rel,) = R.parse_markdown_tables(_section(text, "### Relative to the baseline"))
     start = rel[(rel["model"] == "smollm2_135m_instruct") & (rel["artefact"] == "start")].iloc[0]
-    assert start[f"{ACC} vs baseline"] == "+0.0 %"
+    assert start[f"{ACC} vs baseline (+ = higher)"] == "+0.0 %"
+    # perplexity's column says its sign: positive where the artefact's ppl is below the baseline's
+    ppl_cols = [c for c in rel.columns if c.startswith("ppl") and c.endswith("vs baseline (+ = lower)")]
+    assert ppl_cols, list(rel.columns)
+    res = R.parse_markdown_tables(_section(text, "## Results per artefact"))[0]
+    base_ppl = float(res[(res["model"] == "smollm2_135m_instruct") & (res["artefact"] == "start")].iloc[0]["ppl"].split()[0])
+    checked = 0
+    for r, q in zip(rel.to_dict("records"), res.to_dict("records")):
+        if r["model"] == "smollm2_135m_instruct" and r[ppl_cols[0]] not in ("", "-", "nan") and r["artefact"] != "start":
+            pct = float(r[ppl_cols[0]].rstrip(" %"))
+            assert (pct > 0) == (float(q["ppl"].split()[0]) < base_ppl) or abs(pct) < 0.05, (r, q)
+            checked += 1
+    assert checked >= 1
     (judge,) = R.parse_markdown_tables(_section(text, "## Open-ended assessment (judge)"))
     assert len(judge) == len(A.judge_table(A.load_sweep(sweeps[0])))
     for link in judge["chat"]:

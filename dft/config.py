@@ -386,6 +386,37 @@ def validate_ranges(cfg: Any) -> None:
             _in_range(f"eval.{key}", cfg.eval[key], (1, None, False, True), integer=True)
 
 
+def unknown_keys(node: Any, schema: type = None, prefix: str = "") -> list[tuple[str, list[str]]]:
+    """Keys of ``node`` that the dataclass ``schema`` (default :class:`TrainConfig`) does not declare.
+
+    Hydra types the composed tree with the schema, but a ``+key=value`` override adds a key in
+    spite of it (``+strategy.sft.foo=1`` would be carried along and never read). Free-form maps
+    (``Dict[str, Any]`` fields such as ``strategy.<stage>.trainer``, ``merge.params``) are not
+    searched: their keys are checked by the library they go to.
+
+    Returns:
+        ``[(dotted key, the keys its parent declares), ...]`` in tree order; empty when all are known.
+    """
+    import dataclasses
+    import typing
+
+    from omegaconf import DictConfig
+
+    schema = schema or TrainConfig
+    hints = typing.get_type_hints(schema)
+    names = [f.name for f in dataclasses.fields(schema)]
+    found: list[tuple[str, list[str]]] = []
+    for key in node.keys():
+        if key not in names:
+            found.append((f"{prefix}{key}", names))
+            continue
+        sub = next((a for a in (typing.get_args(hints[key]) or (hints[key],)) if dataclasses.is_dataclass(a)), None)
+        child = node._get_node(key)
+        if sub is not None and isinstance(child, DictConfig) and not child._is_none():
+            found += unknown_keys(child, sub, f"{prefix}{key}.")
+    return found
+
+
 def validate(cfg: Any) -> None:
     """Check what the schema cannot type: allowed values and the chain's stages.
 
@@ -394,6 +425,11 @@ def validate(cfg: Any) -> None:
     """
     from dft import DftError
 
+    for key, known in unknown_keys(cfg):
+        parent, _, leaf = key.rpartition(".")
+        hint = (f"; a TRL argument goes under {parent}.trainer.{leaf}"
+                if parent.startswith("strategy.") and parent.count(".") == 1 else "")
+        raise DftError(f"{key} is not a dft setting ({parent or 'the top level'} has {', '.join(known)}){hint}")
     for i, stage in enumerate(cfg.strategy.chain):
         _choice(f"strategy.chain[{i}]", stage, STAGE_NAMES)
         sc = cfg.strategy[stage]

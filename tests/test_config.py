@@ -129,6 +129,11 @@ def test_validate_accepts(overrides):
     ("eval.dtype=bf16", r"^eval\.dtype='bf16' is not one of auto, float32, bfloat16, float16$"),
     ("model.dtype=fp32", r"^model\.dtype='fp32' is not one of auto, float32, bfloat16, float16$"),
     ("model.max_shard_size=abc", r"^model\.max_shard_size='abc' is not a size like 100MB or 5GB$"),
+    # a `+key=` override adds a key the schema does not have: refused, naming it and its parent's keys
+    ("+strategy.sft.foo=1", r"^strategy\.sft\.foo is not a dft setting \(strategy\.sft has kind, max_samples, "
+                            r"truncation, nll_over, trainer\); a TRL argument goes under strategy\.sft\.trainer\.foo$"),
+    ("+eval.max_itms=3", r"^eval\.max_itms is not a dft setting \(eval has .*max_items.*\)$"),
+    ("+lerning_rate=1", r"^lerning_rate is not a dft setting \(the top level has model, data, strategy, .*\)$"),
 ])
 def test_validate_rejects_in_one_line_naming_the_key(override, message):
     from dft import DftError

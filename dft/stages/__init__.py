@@ -19,10 +19,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import warnings
+
 from omegaconf import OmegaConf
 
 from dft import DftError
 from dft.faults import fault_point
+
+# TRL 1.16's generation/reference helpers (trl/models/utils.py) read transformers 5's deprecated
+# `model.is_gradient_checkpointing`: one FutureWarning per DPO/ORPO stage that is not ours to fix
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +101,10 @@ def build_trl_config(kind: str, trainer_kwargs: dict, *, output_dir: str, device
     kwargs.setdefault("disable_tqdm", False)
     if kind in ("cpt", "sft"):
         kwargs.setdefault("dataset_num_proc", None)
+    if kind == "orpo":
+        # ORPOTrainer's preference collator needs the prompt/chosen/rejected columns: TRL sets this
+        # itself with a warning when it is left True (the transformers default)
+        kwargs.setdefault("remove_unused_columns", False)
     try:
         return config_cls(**kwargs)
     except (TypeError, ValueError) as e:

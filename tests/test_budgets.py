@@ -169,6 +169,26 @@ def test_8b_dry_run_plans_the_authors_budgets(tmp_path):
     assert plan["gpu_hours"]["chain"] == pytest.approx(sum(s["gpu_hours"] for s in by.values()))
 
 
+def test_accelerate_readme_commands_compose():
+    """conf/accelerate/README.md's `accelerate launch ... -m dft.train <overrides>` lines: each
+    file exists and the overrides compose and validate (running them needs 4-8 GPUs)."""
+    import shlex
+
+    from conftest import ROOT
+    from dft.config import validate
+
+    lines = [ln for ln in (ROOT / "conf" / "accelerate" / "README.md").read_text().splitlines()
+             if ln.startswith("accelerate launch ")]
+    assert len(lines) == 3 and any("grid=paper_llama" in ln for ln in lines)
+    for ln in lines:
+        words = shlex.split(ln)
+        assert (ROOT / words[words.index("--config_file") + 1]).is_file()
+        overrides = words[words.index("dft.train") + 1:]
+        cfg = compose(overrides)
+        validate(cfg)
+        assert cfg.peft.method == "full", ln
+
+
 def test_no_materials_prompt_reaches_the_authors_max_prompt_length(cache_dir, embedded_model):
     """The authors' max_prompt_length (1500-2000 tokens; no TRL 1.x field, so not in the recipe)
     would cut no prompt of ours: the longest rendered preference prompt, in each family's real

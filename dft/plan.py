@@ -28,7 +28,9 @@ Cost model (every number it uses is in the plan JSON; the assumptions are ``plan
   blocks), else the mean row length in tokens (characters / ``plan.chars_per_token``, no
   tokenizer is loaded; plus 5 chat-template tokens per turn) capped at max_length; a DPO/ORPO
   row is two sequences (chosen, rejected).
-  steps = max_steps, or when max_steps <= 0, ceil(num_train_epochs * examples / B) with
+  steps = max_steps, or when max_steps <= 0 the count ``transformers.Trainer`` derives from the
+  epochs (``set_initial_training_values``): ceil(num_train_epochs * ceil(batches / accumulation))
+  with batches = ceil(examples / (per_device_train_batch_size * processes)) per process, and
   examples = rows (unpacked) or data tokens / max_length (packed). The upper bound
   steps * B * max_length is recorded as ``tokens_max``.
 * Values the YAML leaves out are TRL's defaults, read from the TRL config object that was built.
@@ -214,6 +216,20 @@ def _row_lengths(stage: str, row: dict, cpt: float) -> list[float]:
     return [(p + len(row.get("chosen", "") or "")) / cpt + t, (p + len(row.get("rejected", "") or "")) / cpt + t]
 
 
+def epoch_steps(examples: int, per_device: int, accumulation: int, world: int, epochs: float) -> int:
+    """Optimizer steps of an epoch-based run, counted as ``transformers.Trainer`` counts them.
+
+    Each of the ``world`` data-parallel processes iterates ``ceil(examples / (per_device * world))``
+    batches per epoch (the sampler pads the last round); an epoch is ``ceil(batches / accumulation)``
+    updates (a partial accumulation still steps); the run is ``ceil(epochs * updates)``
+    (``Trainer.set_initial_training_values``, transformers 5; ``tests/test_budgets.py`` checks it
+    against that method). Raises nothing; every argument is at least 1 in a valid config.
+    """
+    batches = math.ceil(examples / (per_device * world))
+    updates = max(math.ceil(batches / accumulation), 1)
+    return math.ceil(epochs * updates)
+
+
 def estimate_stage(stage: str, args: Any, rows: list[dict], cfg: Any, n_params: Optional[float]) -> dict:
     """Steps, tokens and GPU-hours of one stage (see the module docstring for the formula).
 
@@ -235,7 +251,8 @@ def estimate_stage(stage: str, args: Any, rows: list[dict], cfg: Any, n_params: 
         examples = len(rows)
         seq_tokens = (sum(seqs) / len(seqs)) if seqs else 0.0
     steps = int(args.max_steps) if args.max_steps and args.max_steps > 0 else \
-        math.ceil(float(args.num_train_epochs) * examples / batch)
+        epoch_steps(examples, int(args.per_device_train_batch_size), int(args.gradient_accumulation_steps), world,
+                    float(args.num_train_epochs))
     tokens = steps * batch * per_row * seq_tokens
     full = cfg.peft.method == "full"
     trainer = plain(cfg.strategy[stage].trainer) or {}

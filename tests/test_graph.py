@@ -172,7 +172,9 @@ def test_dry_run_graph_of_a_tiny_grid(tmp_path, tiny_model):
 @pytest.mark.slow
 def test_paper_all_dry_run_prints_both_layouts_idle_hours(tmp_path):
     """~3-4 min on 2 cores (48 cells are composed and planned)."""
-    p = run_train(["-m", "grid=paper_all", "dry_run=true", "logger=none"], tmp_path, timeout=1500)
+    # HF_HUB_OFFLINE=0: without the weights here a dry run under HF_HUB_OFFLINE=1 exits 2 (no cell can run)
+    p = run_train(["-m", "grid=paper_all", "dry_run=true", "logger=none"], tmp_path, timeout=1500,
+                  env={"HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf")})
     line = next(ln for ln in p.stdout.splitlines() if ln.startswith("graph idle GPU-hours: "))
     idle = float(line.split("cell array idle GPU-hours: ")[1].split()[0])
     assert line.startswith("graph idle GPU-hours: 0;") and idle > 0

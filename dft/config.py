@@ -201,6 +201,10 @@ class LauncherConfig:
     signal_delay_s: int = 120
     setup: List[str] = field(default_factory=list)
     wait: bool = True  #: the submitting shell waits for the sweep (false: submit and return)
+    #: graph launcher: run each evaluation in the job of the stage or merge it evaluates (one job
+    #: start fewer per evaluation; the evaluation then holds that job's resources). Off: every
+    #: evaluation is its own job with ``launcher.eval`` resources
+    fuse_eval: bool = False
     # graph launcher (launcher=slurm): each node kind's jobs; None fields take the values above
     stage: NodeResources = field(default_factory=NodeResources)
     merge: NodeResources = field(default_factory=NodeResources)

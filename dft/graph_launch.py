@@ -37,7 +37,7 @@ from omegaconf import OmegaConf
 
 from dft import DftError
 from dft.graph import Graph, Node
-from dft.launching import _job_state
+from dft.launching import CellFailed, _job_state
 
 log = logging.getLogger("dft.graph_launch")
 
@@ -45,8 +45,9 @@ log = logging.getLogger("dft.graph_launch")
 RESOURCE_FIELDS = ("gpus_per_node", "tasks_per_node", "cpus_per_task", "mem_gb", "timeout_min")
 
 
-class NodeFailed(RuntimeError):
-    """A node of the graph failed; the message names it, its job and log, and the cells it blocks."""
+class NodeFailed(CellFailed):
+    """A node of the graph failed; ``details`` name it, its job and log, and the cells it blocks
+    (``python -m dft.train`` prints them, then ``line``: the first failed node, as for a cell)."""
 
 
 def cell_config(sweep_cfg: Any) -> Any:
@@ -210,7 +211,10 @@ def wait_for_nodes(graph: Graph, jobs: dict[str, Any], poll_s: Optional[float] =
             ids = sorted({str(jobs[i].job_id).split("_")[0] for i in others})
             msg += (f"\n{len(others)} other node(s) still queued or running; they go on (squeue -j {','.join(ids)}; "
                     f"cancel: scancel {' '.join(ids)})")
-        raise NodeFailed(msg)
+        first = msg.splitlines()[0]
+        log_file = getattr(getattr(jobs[causes[0][0]], "paths", None), "stderr", None)
+        raise NodeFailed(msg, f"{first}; log: {log_file}" + (f" (and {len(causes) - 1} more node(s), above)"
+                                                           if len(causes) > 1 else ""))
 
     return poll_jobs(jobs, failed, poll_s, what="nodes")
 

@@ -607,11 +607,14 @@ class Cell:
             lines.append("  no CUDA device: training runs without bf16 and gradient checkpointing (they fail or run ~13x "
                          "slower on CPU)")
         try:
-            from dft.memory import describe
+            # a training-memory estimate, when this run trains: a cell that only evaluates, or whose
+            # stages are all cached (a graph launcher's summary job), has none (and skips importing
+            # transformers for it)
+            if cfg.strategy.chain and not self.stages_cached(start_path):
+                from transformers import AutoConfig
 
-            from transformers import AutoConfig
+                from dft.memory import describe
 
-            if cfg.strategy.chain:  # a training-memory estimate; a cell that only evaluates has none
                 lines.append("  " + describe(cfg.model, cfg.peft, _container(cfg.strategy[cfg.strategy.chain[0]].trainer),
                                              AutoConfig.from_pretrained(start_path)))
         except Exception as e:  # noqa: BLE001 - the estimate is informative only
@@ -624,6 +627,16 @@ class Cell:
             lines.append("  " + pw)
         for ln in lines:
             log.info(ln)
+
+    def stages_cached(self, start_path: Path) -> bool:
+        """Whether every stage of the chain is complete in the stage cache (``force`` counts as not)."""
+        from dft.graph import chain_lineages
+
+        if self.cfg.force:
+            return False
+        start_id = model_identity(self.cfg.model, start_path)
+        return all(self.cache.is_complete(canonical_hash(lin))
+                   for _, _, lin in chain_lineages(self.cfg, start_id, self.data_identity))
 
     def print_plan(self) -> None:
         """``dry_run=true``: check the data, every TRL config and the mergekit config, compute the

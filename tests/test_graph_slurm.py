@@ -131,6 +131,21 @@ def test_fuse_eval_runs_an_evaluation_in_its_stage_job():
     assert fused_evals(g, {"eval/ed", "summary/D"}) == {}
 
 
+@pytest.mark.parametrize("tail,rc", [("", 0), ("raise RuntimeError('after the work')", 1), ("sys.exit(3)", 3)])
+def test_fast_exit_of_a_job_keeps_a_failure_status(tail, rc):
+    """dft.node.register_fast_exit: a submitit SLURM job that succeeded skips the teardown (exit 0, the
+    log flushed); an exception raised after the registration still ends the process with its status,
+    and outside a submitit SLURM job nothing changes."""
+    code = ("import logging, sys\nlogging.basicConfig(level=logging.INFO)\nfrom dft.node import register_fast_exit\n"
+            "register_fast_exit()\nlogging.getLogger('t').info('last line')\n" + tail)
+    for executor in ("slurm", ""):
+        p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, SUBMITIT_EXECUTOR=executor, PYTHONPATH=str(ROOT)))
+        want = 0 if not tail else (1 if "raise" in tail else 3)
+        assert (p.returncode, "last line" in p.stderr) == (want, True), (executor, p.returncode, p.stderr[-2000:])
+    assert rc == want
+
+
 def test_failure_message_names_the_node_its_log_and_the_blocked_cells():
     from dft.graph_launch import failure_message
 
@@ -171,6 +186,8 @@ def test_one_poller_waits_for_nodes_and_for_cells(monkeypatch):
     assert msg.startswith("node cpt_sft_dpo (stage, stage/d) failed (job 13_0, state FAILED)") and "boom" in msg
     # going on: everything but dpo's dependants (eval(dpo), summary(D))
     assert "\n5 other node(s) still queued or running; they go on" in msg
+    # what python -m dft.train ends with (a CellFailed: the details above it, then this line)
+    assert e.value.line == "node cpt_sft_dpo (stage, stage/d) failed (job 13_0, state FAILED); log: /x/13_0_0_log.err"
     ok = {"stage/c": _FakeJob("1", 0.0), "stage/s": _FakeJob("2", 0.1)}
     assert wait_for_nodes(g, ok, poll_s=0.05) == {"stage/c": "1", "stage/s": "2"}
     assert launching.wait_for_cells([_FakeJob("8_0", 0.0)], ["a"], poll_s=0.05) == ["8_0"]

@@ -128,6 +128,9 @@ def main() -> int:
     ap.add_argument("--partition", default="debug")
     ap.add_argument("--slots", type=int, default=0,
                     help="job slots on the node (each job asks node CPUs / slots CPUs); default: one per CPU")
+    ap.add_argument("--cpus-per-job", type=int, default=0,
+                    help="CPUs each job asks (default: node CPUs / --slots); fewer leave room for other users' jobs "
+                         "on a shared node while keeping --slots of ours running at once")
     ap.add_argument("--workdir", default=str(ROOT / "bench" / "out" / "graph_bench"))
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--sides", default=",".join(SIDES),
@@ -138,13 +141,14 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     node_cpus = int(subprocess.run(["sinfo", "-h", "-p", ns.partition, "-o", "%c"], capture_output=True,
                                    text=True).stdout.split()[0])
-    cpus = max(1, node_cpus // ns.slots) if ns.slots else 1
+    cpus = ns.cpus_per_job or (max(1, node_cpus // ns.slots) if ns.slots else 1)
     sides = [s for s in ns.sides.split(",") if s]
     bad = [s for s in sides if s not in SIDES]
     if bad:
         raise SystemExit(f"--sides: unknown {', '.join(bad)} (known: {', '.join(SIDES)})")
     res = {side: run_side(side, work, ns.partition, ns.steps, ns.eval_items, cpus) for side in sides}
-    print(f"\n6-cell tiny grid on the local SLURM ({ns.steps} steps per stage), {node_cpus // cpus} slots "
+    slots = ns.slots or node_cpus // cpus
+    print(f"\n6-cell tiny grid on the local SLURM ({ns.steps} steps per stage), {slots} slots "
           f"({cpus} of the node's {node_cpus} CPUs per job)")
     c = res.get("cells")
     print(f"{'':<36}" + "".join(f" {s:>12}" for s in sides) + "".join(f" {'cells/' + s:>18}" for s in sides

@@ -9,19 +9,23 @@ steps per stage, a small evaluation. Every job takes 1 CPU, no GPU and 2 GB, so 
 ``DFT_SLURM_CPUS`` (8 by default) are the fixed number of slots both layouts share.
 
 * ``graph``: ``launcher=slurm``: one job per distinct node, ``afterok`` on its parents;
+* ``graph_fused``: the same with ``launcher.fuse_eval=true`` (each evaluation in the job of the
+  stage or merge it evaluates);
 * ``cells``: ``launcher=slurm_cells``: one array task per cell; cells sharing a stage wait on its
   lock while holding their slot.
 
-Each side runs in a fresh run directory (its own stage cache), one after the other. From
-``sacct`` (``ElapsedRaw x AllocCPUS`` summed over the side's jobs) the allocated slot-seconds;
+Each side runs in a fresh run directory (its own stage cache), one after the other (``--sides``).
+From ``sacct`` (``ElapsedRaw x AllocCPUS`` summed over the side's jobs) the allocated slot-seconds;
 the wall time of the submitting ``python -m dft.train -m`` process; for the graph the sum of the
-nodes' own work (``node ... finished in X s`` in each job's log: after the imports) and of the
-jobs' elapsed times. Printed: both sides and the ratios cells / graph; ``--json`` writes them.
+nodes' own work (``node ... finished in X s`` in each job's log, ``cell ... finished in X s`` for a
+summary job: after the imports) and of the jobs' elapsed times; the load average before and after
+each side. Printed: every side and the ratios cells / graph; ``--json`` writes them.
 
-Measured (bench/README.md, loaded 2-core machine): 2 steps, 8 slots: graph 470 slot-s / 188 s
-wall, cells 357 / 68 (cells/graph 0.76x, 0.36x); ``--steps 200 --slots 2``: graph 1142 / 817,
-cells 1027 / 516 (0.90x, 0.63x), graph slot-seconds 1.18x its nodes' own work. On tiny stages
-the graph's per-job start cost outweighs the slots the cell array holds waiting.
+Measured (bench/README.md, loaded 2-core machine), before this session's cuts of a job's fixed
+cost: 2 steps, 8 slots: graph 470 slot-s / 188 s wall, cells 357 / 68 (cells/graph 0.76x, 0.36x);
+``--steps 200 --slots 2``: graph 1142 / 817, cells 1027 / 516 (0.90x, 0.63x). After them,
+``--steps 60 --slots 2 --cpus-per-job 3`` (load 4-7): graph 438 / 334, graph_fused 508 / 406,
+cells 528 / 340 (cells/graph 1.21x, 1.02x), graph slot-seconds 1.26x its nodes' own work.
 """
 
 from __future__ import annotations

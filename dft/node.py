@@ -213,7 +213,8 @@ def register_fast_exit() -> None:
     Called when a node (:class:`NodeTask`) or a cell (``dft.train``'s task function: a graph
     summary job, a cell-array task) returned. The teardown of a process that imported torch,
     transformers, TRL, peft and their dependencies took 2-8 s per job on the 2-core test machine
-    (measured: 5.2 s from a node's last log line to its exit with it, 0.24 s without, load ~5), time
+    (measured: 5.2 s from a node's last log line to its exit with it, 0.24 s without, load ~5:
+    ``DFT_NODE_FAST_EXIT=0|1 SUBMITIT_EXECUTOR=slurm python -m dft.node <sweep> <stage node>``), time
     the job's slot stays allocated. At exit (after submitit wrote the result) :func:`_exit_now`
     flushes the logs and calls ``os._exit(0)``; it is the last atexit function registered, so the
     first to run. Only in a submitit SLURM job (``SUBMITIT_EXECUTOR=slurm``), never when an

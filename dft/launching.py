@@ -19,6 +19,9 @@ make that work well:
   and its log, and leaves the other cells running (they are SLURM jobs, independent of the shell).
   With ``launcher.wait=false`` it returns right after submitting.
 
+A job that succeeded (a graph node, a graph summary, a cell-array task) ends without the
+interpreter's teardown (:func:`register_fast_exit`), so its slot is not held for it.
+
 The replacement (:func:`install_waiting`, run by :class:`LauncherCheck` when a multirun starts) is
 a patch of ``BaseSubmititLauncher.launch``, applied only for the pinned plugin version, because
 Hydra instantiates launchers only from the ``hydra_plugins`` package, which dft does not ship. It
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from typing import Any, Callable, List, Mapping, Optional, Sequence, TypeVar
 
@@ -407,3 +411,63 @@ def install_waiting() -> None:
         return
     _launch.__dft__ = True  # type: ignore[attr-defined]
     base.launch = _launch
+
+
+# ------------------------------------------------------------------------------- a job's exit
+#: ``0``: a job that succeeded exits through the interpreter's normal teardown (:func:`register_fast_exit`)
+FAST_EXIT_ENV = "DFT_NODE_FAST_EXIT"
+
+_fast_exit = {"registered": False, "uncaught": False}
+
+
+def register_fast_exit() -> None:
+    """Let a submitit SLURM job whose work succeeded end without the interpreter's teardown.
+
+    Called when a node (:class:`NodeTask`) or a cell (``dft.train``'s task function: a graph
+    summary job, a cell-array task) returned. The teardown of a process that imported torch,
+    transformers, TRL, peft and their dependencies took 2-8 s per job on the 2-core test machine
+    (measured: 5.2 s from a node's last log line to its exit with it, 0.24 s without, load ~5:
+    ``DFT_NODE_FAST_EXIT=0|1 SUBMITIT_EXECUTOR=slurm python -m dft.node <sweep> <stage node>``), time
+    the job's slot stays allocated. At exit (after submitit wrote the result) :func:`_exit_now`
+    flushes the logs and calls ``os._exit(0)``; it is the last atexit function registered, so the
+    first to run. Only in a submitit SLURM job (``SUBMITIT_EXECUTOR=slurm``), never when an
+    exception went uncaught or ``sys.exit`` was called with a non-zero status after the
+    registration (then the normal exit keeps that status; a bare ``raise SystemExit(n)`` is not
+    seen), and not with ``DFT_NODE_FAST_EXIT=0``.
+    """
+    if os.environ.get(FAST_EXIT_ENV, "1") == "0" or os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+        return
+    if _fast_exit["registered"]:
+        return
+    import atexit
+
+    previous = sys.excepthook
+
+    def hook(*args: Any) -> None:
+        _fast_exit["uncaught"] = True
+        previous(*args)
+
+    sys.excepthook = hook
+    real_exit = sys.exit
+
+    def exit_(status: Any = None) -> None:  # a later sys.exit(<non-zero>) keeps its status
+        if status not in (None, 0):
+            _fast_exit["uncaught"] = True
+        real_exit(status)
+
+    sys.exit = exit_
+    atexit.register(_exit_now)
+    _fast_exit["registered"] = True
+
+
+def _exit_now() -> None:
+    """See :func:`register_fast_exit`."""
+    if _fast_exit["uncaught"]:
+        return
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed stream: nothing to flush
+            pass
+    os._exit(0)

@@ -36,8 +36,6 @@ log = logging.getLogger("dft.node")
 GRAPH_DIR = ".graph"
 #: environment variable naming a node (id or name) that fails on purpose
 FAIL_ENV = "DFT_NODE_FAIL"
-#: ``0``: a node job that succeeded exits through the interpreter's normal teardown (:func:`_exit_now`)
-FAST_EXIT_ENV = "DFT_NODE_FAST_EXIT"
 
 
 def graph_path(sweep_dir: Path) -> Path:
@@ -200,64 +198,10 @@ class NodeTask(_Checkpointable):  # type: ignore[misc,valid-type]
         out = None
         for i in [node_id] if isinstance(node_id, str) else list(node_id):
             out = run_node(sweep_dir, i)
-        register_fast_exit()
+        from dft.launching import register_fast_exit
+
+        register_fast_exit()  # the job's slot is not held through the interpreter's teardown
         return out
-
-
-_fast_exit = {"registered": False, "uncaught": False}
-
-
-def register_fast_exit() -> None:
-    """Let a submitit SLURM job whose work succeeded end without the interpreter's teardown.
-
-    Called when a node (:class:`NodeTask`) or a cell (``dft.train``'s task function: a graph
-    summary job, a cell-array task) returned. The teardown of a process that imported torch,
-    transformers, TRL, peft and their dependencies took 2-8 s per job on the 2-core test machine
-    (measured: 5.2 s from a node's last log line to its exit with it, 0.24 s without, load ~5:
-    ``DFT_NODE_FAST_EXIT=0|1 SUBMITIT_EXECUTOR=slurm python -m dft.node <sweep> <stage node>``), time
-    the job's slot stays allocated. At exit (after submitit wrote the result) :func:`_exit_now`
-    flushes the logs and calls ``os._exit(0)``; it is the last atexit function registered, so the
-    first to run. Only in a submitit SLURM job (``SUBMITIT_EXECUTOR=slurm``), never when an
-    exception went uncaught or ``sys.exit`` was called with a non-zero status after the
-    registration (then the normal exit keeps that status; a bare ``raise SystemExit(n)`` is not
-    seen), and not with ``DFT_NODE_FAST_EXIT=0``.
-    """
-    if os.environ.get(FAST_EXIT_ENV, "1") == "0" or os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
-        return
-    if _fast_exit["registered"]:
-        return
-    import atexit
-
-    previous = sys.excepthook
-
-    def hook(*args: Any) -> None:
-        _fast_exit["uncaught"] = True
-        previous(*args)
-
-    sys.excepthook = hook
-    real_exit = sys.exit
-
-    def exit_(status: Any = None) -> None:  # a later sys.exit(<non-zero>) keeps its status
-        if status not in (None, 0):
-            _fast_exit["uncaught"] = True
-        real_exit(status)
-
-    sys.exit = exit_
-    atexit.register(_exit_now)
-    _fast_exit["registered"] = True
-
-
-def _exit_now() -> None:
-    """See :func:`register_fast_exit`."""
-    if _fast_exit["uncaught"]:
-        return
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:  # noqa: BLE001 - a closed stream: nothing to flush
-            pass
-    os._exit(0)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

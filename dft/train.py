@@ -177,7 +177,7 @@ def main(cfg: DictConfig) -> Optional[float]:
             out = cell.run()
         finally:
             remove_if_unused(run_dir)
-        from dft.node import register_fast_exit
+        from dft.launching import register_fast_exit
 
         register_fast_exit()  # a SLURM job's slot is not held through the interpreter's teardown
         if not cfg.dry_run:  # bench/graph_bench.py reads this line (as dft.node's for a node)

@@ -133,10 +133,10 @@ def test_fuse_eval_runs_an_evaluation_in_its_stage_job():
 
 @pytest.mark.parametrize("tail,rc", [("", 0), ("raise RuntimeError('after the work')", 1), ("sys.exit(3)", 3)])
 def test_fast_exit_of_a_job_keeps_a_failure_status(tail, rc):
-    """dft.node.register_fast_exit: a submitit SLURM job that succeeded skips the teardown (exit 0, the
+    """dft.launching.register_fast_exit: a submitit SLURM job that succeeded skips the teardown (exit 0, the
     log flushed); an exception raised after the registration still ends the process with its status,
     and outside a submitit SLURM job nothing changes."""
-    code = ("import logging, sys\nlogging.basicConfig(level=logging.INFO)\nfrom dft.node import register_fast_exit\n"
+    code = ("import logging, sys\nlogging.basicConfig(level=logging.INFO)\nfrom dft.launching import register_fast_exit\n"
             "register_fast_exit()\nlogging.getLogger('t').info('last line')\n" + tail)
     for executor in ("slurm", ""):
         p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,

@@ -16,7 +16,8 @@ Used by the Hydra launcher plugin ``hydra_plugins/dft_graph_launcher`` (``launch
    job of an earlier submission is still queued or running (:func:`live_jobs`, one ``squeue``):
    its dependants get ``afterok`` on that job and the shell waits on it too, so rerunning the
    command while the first submission runs (a closed terminal, ``launcher.wait=false``) submits
-   nothing twice;
+   nothing twice. ``launcher.fuse_eval=true`` (off by default) runs each evaluation in its
+   stage's or merge's job instead of its own (:func:`fused_evals`);
 3. :func:`wait_for_nodes` polls all jobs together (one ``sacct`` per poll) and, as soon as a node
    fails, raises :class:`NodeFailed` naming it, its log, the nodes SLURM cancels because of it and
    the cells it blocks.

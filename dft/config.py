@@ -201,6 +201,10 @@ class LauncherConfig:
     signal_delay_s: int = 120
     setup: List[str] = field(default_factory=list)
     wait: bool = True  #: the submitting shell waits for the sweep (false: submit and return)
+    #: graph launcher: run each evaluation in the job of the stage or merge it evaluates (one job
+    #: start fewer per evaluation; the evaluation then holds that job's resources). Off: every
+    #: evaluation is its own job with ``launcher.eval`` resources
+    fuse_eval: bool = False
     # graph launcher (launcher=slurm): each node kind's jobs; None fields take the values above
     stage: NodeResources = field(default_factory=NodeResources)
     merge: NodeResources = field(default_factory=NodeResources)
@@ -417,6 +421,30 @@ def unknown_keys(node: Any, schema: type = None, prefix: str = "") -> list[tuple
     return found
 
 
+#: size suffixes ``save_pretrained(max_shard_size=...)`` accepts, and their bytes (binary before decimal)
+SIZE_UNITS = (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3))
+
+
+def parse_size(size: Any) -> Optional[int]:
+    """Bytes of a shard size as transformers' ``save_pretrained`` reads it (an int, or an integer
+    with a unit of :data:`SIZE_UNITS`, any case; a lowercase final ``b`` means bits); None if it is
+    not one. Checked here without importing transformers (seconds per job under the graph launcher)."""
+    if isinstance(size, bool):
+        return None
+    if isinstance(size, int):
+        return size
+    if not isinstance(size, str):
+        return None
+    for unit, factor in SIZE_UNITS:
+        if size.upper().endswith(unit):
+            try:
+                n = int(size[: -len(unit)]) * factor
+            except ValueError:
+                return None
+            return n // 8 if size.endswith("b") else n
+    return None
+
+
 def validate(cfg: Any) -> None:
     """Check what the schema cannot type: allowed values and the chain's stages.
 
@@ -442,12 +470,8 @@ def validate(cfg: Any) -> None:
     _choice("merge.at", cfg.merge.at, ("final", "each"))
     _choice("model.start", cfg.model.start, ("base", "instruct"))
     _choice("model.system_policy", cfg.model.system_policy, ("native", "merge_into_user"))
-    from transformers.utils.hub import convert_file_size_to_int
-
-    try:
-        convert_file_size_to_int(cfg.model.max_shard_size)
-    except (ValueError, TypeError):
-        raise DftError(f"model.max_shard_size={cfg.model.max_shard_size!r} is not a size like 100MB or 5GB") from None
+    if parse_size(cfg.model.max_shard_size) is None:
+        raise DftError(f"model.max_shard_size={cfg.model.max_shard_size!r} is not a size like 100MB or 5GB")
     _choice("logger.mode", cfg.logger.mode, ("auto", "online", "offline", "disabled"))
     _choice("device", cfg.device, ("auto", "cpu", "cuda"))
     _choice("busy", cfg.busy, ("wait", "exit"))

@@ -680,7 +680,8 @@ def ensure_tiny_model(cache_dir: str | os.PathLike, family: str = "smollm2") -> 
 
     from dft.locks import file_lock
 
-    cfg = tiny_config(family)
+    if family not in TINY_SPECS:
+        raise DftError(f"no tiny model for family {family!r}; known: {', '.join(TINY_SPECS)}")
     key = hashlib.sha256(
         json.dumps([_TINY_RECIPE, TINY_SEED, TINY_SPECS[family], TINY_DIMS], sort_keys=True).encode()
     ).hexdigest()[:12]
@@ -693,6 +694,7 @@ def ensure_tiny_model(cache_dir: str | os.PathLike, family: str = "smollm2") -> 
         import torch
         from transformers import AutoModelForCausalLM, GenerationConfig
 
+        cfg = tiny_config(family)  # a transformers config: built only to write the model (not to find it)
         tok = _tiny_tokenizer(family, Path(cache_dir).expanduser())
         if len(tok) != cfg.vocab_size:
             raise DftError(f"tiny {family}: tokenizer has {len(tok)} tokens, config {cfg.vocab_size}")

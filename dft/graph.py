@@ -14,10 +14,13 @@ kind           node id                        parents                           
 ============== ============================== ======================================= ==========
 
 Cells that share a prefix share its nodes (CPT is one node for every cell whose chain starts
-with it). The same graph is used three ways: the dry run prints it with its cost
-(:func:`layout_costs`, via :mod:`dft.plan`), an in-process run executes a cell's nodes in order
-(:meth:`dft.pipeline.Cell.run`), and ``launcher=slurm`` submits one job per node
-(``hydra_plugins/dft_graph_launcher``; each job runs ``python -m dft.node``).
+with it). A cell's nodes are built in one place, :func:`cell_steps`, and used three ways: the dry
+run prints them with their cost (:func:`layout_costs`, via :func:`dft.plan.make_plan`), an
+in-process run (``launcher=local``, plain ``python -m dft.train``) executes them in the
+topological order of the cell's graph (:func:`cell_order`) through
+:meth:`dft.pipeline.Cell.run_node`, and ``launcher=slurm`` submits one job per node
+(``hydra_plugins/dft_graph_launcher``; each job runs ``python -m dft.node``, which runs that one
+node through the same :meth:`~dft.pipeline.Cell.run_node`).
 
 Keys (one definition each; :mod:`dft.pipeline` and :mod:`dft.plan` import them from here):
 
@@ -286,6 +289,92 @@ class Graph:
     @classmethod
     def read(cls, path: Path) -> "Graph":
         return cls.from_json(json.loads(Path(path).read_text()))
+
+
+# ------------------------------------------------------------------------------- a cell's nodes
+@dataclass
+class Step:
+    """One node of a cell and what the cell needs to do its work (in memory only, not in graph.json).
+
+    ``stage``/``lineage``: a stage node's stage kind (``cpt`` ...) and full lineage (its key is
+    ``canonical_hash(lineage)``); ``of``: for ``eval_start`` the artefact it evaluates (``start`` or
+    ``partner``), for ``merge`` and ``eval`` the id of the node whose artefact it merges/evaluates;
+    ``index``: the chain position of the stage it belongs to (-1: none).
+    """
+
+    node: Node
+    stage: Optional[str] = None
+    lineage: Optional[dict] = None
+    of: Optional[str] = None
+    index: int = -1
+
+
+def cell_steps(cfg: Any, cell: str, start_id: dict, partner_key: Optional[str],
+               data_identity: Callable[[str], dict], eval_key_of: Callable[[str], Optional[str]]) -> list[Step]:
+    """The nodes of one cell, in the order a cell meets them: the one construction that the dry-run
+    plan (:func:`dft.plan.make_plan`), the in-process run (:meth:`dft.pipeline.Cell.run`) and the
+    graph launcher's jobs (:func:`dft.node.run_graph_node`) share.
+
+    Args:
+        cfg: the cell's composed config.
+        cell: the cell's name (its run directory's name; the summary node's key).
+        start_id: :func:`model_identity` of the start weights (or the plan's provisional identity).
+        partner_key: :func:`start_key` of the partner's weights; None when the cell does not merge.
+            Equal to the start's key: the partner is the start model (evaluated once).
+        data_identity: :meth:`dft.pipeline.Cell.data_identity`.
+        eval_key_of: artefact key -> its evaluation's key (:func:`eval_key`), None: nothing is evaluated.
+
+    Returns:
+        ``[eval(start), eval(partner)?, stage, eval(stage)?, merge?, eval(merge)?, ..., summary]``;
+        evaluation nodes only when ``eval_key_of`` gives a key, a stage's evaluation when
+        ``eval.stages`` or it is the last stage, merges after every stage (``merge.at=each``) or the
+        last. Every node's parents precede it, so the list is a topological order.
+    """
+    steps: list[Step] = []
+
+    def add_eval(name: str, art_key: str, of: str, index: int = -1, parent: Optional[str] = None) -> None:
+        ek = eval_key_of(art_key)
+        if ek is not None:
+            steps.append(Step(Node(id=node_id("eval", ek), kind="eval" if parent else "eval_start", key=ek,
+                                   name=f"eval({name})", parents=[parent] if parent else []), of=of, index=index))
+
+    skey = start_key(start_id)
+    add_eval("start", skey, "start")
+    merging = partner_key is not None
+    if merging and partner_key != skey:
+        add_eval("partner", partner_key, "partner")
+    prev: Optional[str] = None
+    chain = chain_lineages(cfg, start_id, data_identity)
+    for i, (stage, name, lineage) in enumerate(chain):
+        key = canonical_hash(lineage)
+        sid = node_id("stage", key)
+        steps.append(Step(Node(id=sid, kind="stage", key=key, name=name, parents=[prev] if prev else []),
+                          stage=stage, lineage=lineage, index=i))
+        prev = sid
+        last = i == len(chain) - 1
+        if cfg.eval.stages or last:
+            add_eval(name, key, sid, i, parent=sid)
+        if merging and (cfg.merge.at == "each" or last):
+            mlineage = merge_lineage(cfg, key, partner_key)
+            mkey = canonical_hash(mlineage)
+            mid = node_id("merge", mkey)
+            steps.append(Step(Node(id=mid, kind="merge", key=mkey, name=f"{name}+{cfg.merge.method}", parents=[sid]),
+                              lineage=mlineage, of=sid, index=i))
+            add_eval(f"{name}+{cfg.merge.method}", mkey, mid, i, parent=mid)
+    steps.append(Step(Node(id=node_id("summary", cell), kind="summary", key=cell, name=f"summary({cell})",
+                           parents=[s.node.id for s in steps])))
+    return steps
+
+
+def cell_order(steps: list[Step]) -> list[Step]:
+    """``steps`` in the topological order of their one-cell :class:`Graph` (the order an in-process
+    run and the graph launcher's dependencies both follow)."""
+    g = Graph()
+    by_id = {}
+    for s in steps:
+        g.add("cell", s.node)
+        by_id[s.node.id] = s
+    return [by_id[i] for i in g.topological()]
 
 
 # ------------------------------------------------------------------------------- cost

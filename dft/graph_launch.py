@@ -12,13 +12,19 @@ Used by the Hydra launcher plugin ``hydra_plugins/dft_graph_launcher`` (``launch
    (DPO and ORPO on one SFT, the evaluations of one stage, the start evaluation beside CPT) go out
    as one job array. Resources per kind: ``launcher.<stage|merge|eval|summary>.*`` over the
    launcher's own values. A node done before (cached stage/merge/evaluation, finished summary) is
-   not submitted, so rerunning the same command submits only what is missing;
+   not submitted, so rerunning the same command submits only what is missing; nor is a node whose
+   job of an earlier submission is still queued or running (:func:`live_jobs`, one ``squeue``):
+   its dependants get ``afterok`` on that job and the shell waits on it too, so rerunning the
+   command while the first submission runs (a closed terminal, ``launcher.wait=false``) submits
+   nothing twice. ``launcher.fuse_eval=true`` (off by default) runs each evaluation in its
+   stage's or merge's job instead of its own (:func:`fused_evals`);
 3. :func:`wait_for_nodes` polls all jobs together (one ``sacct`` per poll) and, as soon as a node
    fails, raises :class:`NodeFailed` naming it, its log, the nodes SLURM cancels because of it and
    the cells it blocks.
 
-Every submission is recorded in ``<sweep>/.graph/submitted.json`` (node id -> job id, per
-submission), which tests and ``bench/graph_bench.py`` read.
+Every submission is recorded in ``<sweep>/.graph/submitted.json`` (per submission: ``nodes``
+submitted, node id -> job id; ``live``, the earlier jobs it waits on instead), which
+:func:`live_jobs`, tests and ``bench/graph_bench.py`` read.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from omegaconf import OmegaConf
 
 from dft import DftError
 from dft.graph import Graph, Node
+from dft.launching import CellFailed, _job_state
 
 log = logging.getLogger("dft.graph_launch")
 
@@ -39,8 +46,9 @@ log = logging.getLogger("dft.graph_launch")
 RESOURCE_FIELDS = ("gpus_per_node", "tasks_per_node", "cpus_per_task", "mem_gb", "timeout_min")
 
 
-class NodeFailed(RuntimeError):
-    """A node of the graph failed; the message names it, its job and log, and the cells it blocks."""
+class NodeFailed(CellFailed):
+    """A node of the graph failed; ``details`` name it, its job and log, and the cells it blocks
+    (``python -m dft.train`` prints them, then ``line``: the first failed node, as for a cell)."""
 
 
 def cell_config(sweep_cfg: Any) -> Any:
@@ -125,40 +133,46 @@ def levels(graph: Graph, todo: set[str]) -> list[list[str]]:
     return out
 
 
-def submit(graph: Graph, todo: set[str], submit_group: Callable[[str, list[str], list[str]], list[Any]]) -> dict[str, Any]:
+def fused_evals(graph: Graph, todo: set[str]) -> dict[str, list[str]]:
+    """``launcher.fuse_eval=true``: stage or merge node -> the evaluation nodes of ``todo`` that run in
+    its job (each evaluation whose one parent is that node and is in ``todo`` too)."""
+    out: dict[str, list[str]] = {}
+    for i in graph.topological():
+        n = graph.nodes[i]
+        if i in todo and n.kind == "eval" and len(n.parents) == 1 and n.parents[0] in todo:
+            out.setdefault(n.parents[0], []).append(i)
+    return out
+
+
+def submit(graph: Graph, todo: set[str], submit_group: Callable[[str, list[str], list[str]], list[Any]],
+           live: Optional[dict[str, Any]] = None, riders: Optional[dict[str, list[str]]] = None) -> dict[str, Any]:
     """Submit the ``todo`` nodes parents first (step 2 of the module docstring).
 
     ``submit_group(resources kind, node ids, dependency job ids)`` submits those nodes as one job
     array that starts after every listed job ended well and returns their jobs (in order). Nodes
     of one depth are grouped by (resources, parents' jobs); summaries, one per cell, go alone.
+    ``live``: node id -> the job of an earlier submission that is still queued or running
+    (:func:`live_jobs`); those nodes are not in ``todo`` and their dependants depend on these jobs.
+    ``riders``: node -> nodes that run in its job (:func:`fused_evals`); not in ``todo``, they get
+    their host's job.
 
     Returns:
-        node id -> job (submitit job, ``job_id`` like ``123`` or ``123_4``).
+        node id -> job (submitit job, ``job_id`` like ``123`` or ``123_4``) of the nodes submitted now.
     """
     jobs: dict[str, Any] = {}
+    known = dict(live or {})
     for level in levels(graph, todo):
         groups: dict[tuple, list[str]] = {}
         for i in level:
             n = graph.nodes[i]
-            deps = tuple(sorted({str(jobs[p].job_id) for p in n.parents if p in jobs}))
+            deps = tuple(sorted({str(known[p].job_id) for p in n.parents if p in known}))
             groups.setdefault((n.resources, deps), []).append(i)
         for (kind, deps), ids in groups.items():
             for i, job in zip(ids, submit_group(kind, ids, list(deps))):
-                jobs[i] = job
+                jobs[i] = known[i] = job
+                for r in (riders or {}).get(i, []):
+                    jobs[r] = known[r] = job
     return jobs
-
-
-def _state(job: Any) -> str:
-    try:
-        return str(job.state)
-    except Exception:  # noqa: BLE001 - decoration only
-        return "UNKNOWN"
-
-
-def _refresh(jobs: Sequence[Any]) -> None:
-    watcher = getattr(type(jobs[0]), "watcher", None) if jobs else None
-    if watcher is not None and hasattr(watcher, "update") and type(jobs[0]).__name__ == "SlurmJob":
-        watcher.update()
 
 
 def failure_message(graph: Graph, node_id: str, job: Any, error: BaseException, jobs: dict[str, Any]) -> str:
@@ -168,7 +182,7 @@ def failure_message(graph: Graph, node_id: str, job: Any, error: BaseException, 
     log_file = getattr(getattr(job, "paths", None), "stderr", None)
     never = [graph.nodes[d] for d in graph.descendants(node_id) if d in jobs]
     tail = "\n".join("    " + ln for ln in f"{type(error).__name__}: {error}".strip().splitlines()[-20:])
-    return (f"node {n.name} ({n.kind}, {n.id}) failed (job {job.job_id}, state {_state(job)})\n"
+    return (f"node {n.name} ({n.kind}, {n.id}) failed (job {job.job_id}, state {_job_state(job)})\n"
             f"  log: {log_file}\n"
             f"  blocks {len(n.cells)} cell(s): {', '.join(n.cells)}\n"
             f"  {len(never)} dependant node(s) will not run (SLURM cancels them: --kill-on-invalid-dep): "
@@ -176,7 +190,8 @@ def failure_message(graph: Graph, node_id: str, job: Any, error: BaseException, 
 
 
 def wait_for_nodes(graph: Graph, jobs: dict[str, Any], poll_s: Optional[float] = None) -> dict[str, Any]:
-    """Wait for every submitted node; raise :class:`NodeFailed` as soon as one fails.
+    """Wait for every submitted node; raise :class:`NodeFailed` as soon as one fails
+    (:func:`dft.launching.poll_jobs`, the poller of the cell array too).
 
     Returns:
         node id -> the job's result (a summary node's: Hydra's ``JobReturn``).
@@ -185,59 +200,93 @@ def wait_for_nodes(graph: Graph, jobs: dict[str, Any], poll_s: Optional[float] =
         NodeFailed: see :func:`failure_message`; the nodes that do not depend on it keep running
             (listed, with how to cancel them).
     """
-    from hydra.core.utils import JobStatus
+    from dft.launching import poll_jobs
 
-    from dft.launching import POLL_S
+    def failed(failures: list, pending: set) -> None:
+        # a cancelled dependant is a consequence, not a cause: name the causes
+        causes = [(i, e) for i, e in failures if not any(i in graph.descendants(j) for j, _ in failures)]
+        msg = "\n".join(failure_message(graph, i, jobs[i], e, jobs) for i, e in causes)
+        blocked = {d for i, _ in causes for d in graph.descendants(i)} | {i for i, _ in failures}
+        others = sorted(i for i in pending if i not in blocked)
+        if others:
+            ids = sorted({str(jobs[i].job_id).split("_")[0] for i in others})
+            msg += (f"\n{len(others)} other node(s) still queued or running; they go on (squeue -j {','.join(ids)}; "
+                    f"cancel: scancel {' '.join(ids)})")
+        first = msg.splitlines()[0]
+        log_file = getattr(getattr(jobs[causes[0][0]], "paths", None), "stderr", None)
+        raise NodeFailed(msg, f"{first}; log: {log_file}" + (f" (and {len(causes) - 1} more node(s), above)"
+                                                           if len(causes) > 1 else ""))
 
-    poll_s = POLL_S if poll_s is None else poll_s
-    pending = set(jobs)
-    results: dict[str, Any] = {}
-    last = time.monotonic()
-    while pending:
-        _refresh(list(jobs.values()))
-        failures = []
-        for i in sorted(pending):
-            job = jobs[i]
-            if not job.done():
-                continue
-            pending.discard(i)
-            try:
-                ret = job.results()[0]
-            except Exception as e:  # noqa: BLE001 - raised, killed, cancelled
-                failures.append((i, e))
-                continue
-            if getattr(ret, "status", None) == JobStatus.FAILED:
-                failures.append((i, ret._return_value))
-            results[i] = ret
-        if failures:
-            # a cancelled dependant is a consequence, not a cause: name the causes
-            causes = [(i, e) for i, e in failures if not any(i in graph.descendants(j) for j, _ in failures)]
-            msg = "\n".join(failure_message(graph, i, jobs[i], e, jobs) for i, e in causes)
-            blocked = {d for i, _ in causes for d in graph.descendants(i)} | {i for i, _ in failures}
-            others = sorted(i for i in pending if i not in blocked)
-            if others:
-                ids = sorted({str(jobs[i].job_id).split("_")[0] for i in others})
-                msg += (f"\n{len(others)} other node(s) still queued or running; they go on (squeue -j {','.join(ids)}; "
-                        f"cancel: scancel {' '.join(ids)})")
-            raise NodeFailed(msg)
-        if pending:
-            if time.monotonic() - last > 60:
-                log.info("%d/%d nodes done", len(jobs) - len(pending), len(jobs))
-                last = time.monotonic()
-            time.sleep(poll_s)
-    return results
+    return poll_jobs(jobs, failed, poll_s, what="nodes")
 
 
-def record_submission(sweep_dir: Path, jobs: dict[str, Any], graph: Graph) -> None:
-    """Append this submission (node id -> job id, kind, name) to ``<sweep>/.graph/submitted.json``."""
+def record_submission(sweep_dir: Path, jobs: dict[str, Any], graph: Graph, live: Optional[dict[str, Any]] = None) -> None:
+    """Append this submission to ``<sweep>/.graph/submitted.json``: ``nodes`` (node id -> job id, kind,
+    name) submitted now, ``live`` the same for the nodes whose earlier job it waits on instead."""
     from dft.node import GRAPH_DIR
     from dft.runs import read_json, write_json
 
     path = Path(sweep_dir) / GRAPH_DIR / "submitted.json"
     history = read_json(path) or []
-    history.append({"at": time.time(), "nodes": {i: {"job": str(j.job_id), "kind": graph.nodes[i].kind,
-                                                     "name": graph.nodes[i].name} for i, j in jobs.items()}})
+    def rec(js: dict[str, Any]) -> dict:
+        return {i: {"job": str(j.job_id), "kind": graph.nodes[i].kind, "name": graph.nodes[i].name} for i, j in js.items()}
+
+    history.append({"at": time.time(), "nodes": rec(jobs), "live": rec(live or {})})
     write_json(path, history)
+
+
+#: SLURM job states (``squeue %T``) of a job that has not ended: its node is not submitted again
+LIVE_STATES = frozenset({"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+                         "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT", "STOPPED"})
+
+
+def squeue_states() -> dict[str, str]:
+    """Job id (``123``, array tasks ``123_4``) -> state of every job ``squeue`` lists (one call).
+
+    Empty when ``squeue`` is missing or fails (then nothing counts as live: a rerun resubmits, as
+    before this check existed; a warning says so).
+    """
+    import subprocess
+
+    try:
+        p = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.warning("squeue failed (%s): jobs of an earlier submission are not looked for", e)
+        return {}
+    if p.returncode != 0:
+        log.warning("squeue failed (%s): jobs of an earlier submission are not looked for", p.stderr.strip()[:200])
+        return {}
+    return dict(line.strip().split("|", 1) for line in p.stdout.splitlines() if "|" in line)
+
+
+def live_jobs(sweep_dir: Path, graph: Graph, todo: set[str],
+              states: Optional[Callable[[], dict[str, str]]] = None) -> dict[str, str]:
+    """Nodes of ``todo`` whose job of an earlier submission (``submitted.json``) is still queued or
+    running: node id -> that job's id. They are not submitted again; their dependants wait on them.
+
+    A node whose not-done parent is not live itself (that parent failed or was cancelled and is
+    resubmitted) is not live either: SLURM cancels its old job (``--kill-on-invalid-dep``), so it
+    is submitted again after the new parent.
+
+    ``states``: job id -> SLURM state (default :func:`squeue_states`).
+    """
+    from dft.node import GRAPH_DIR
+    from dft.runs import read_json
+
+    history = read_json(Path(sweep_dir) / GRAPH_DIR / "submitted.json") or []
+    last: dict[str, str] = {}
+    for sub in history:
+        for i, rec in {**sub.get("live", {}), **sub.get("nodes", {})}.items():
+            last[i] = str(rec["job"])
+    mine = {i: last[i] for i in todo if i in last}
+    if not mine:
+        return {}
+    st = (states or squeue_states)()
+    live = {i: j for i, j in mine.items() if st.get(j) in LIVE_STATES}
+    for i in graph.topological():  # parents first: a dropped parent drops its dependants
+        if i in live and any(p in todo and p not in live for p in graph.nodes[i].parents):
+            del live[i]
+    return live
 
 
 def launch_graph(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[Any]:
@@ -315,11 +364,22 @@ def launch_graph(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
                 idx = initial_job_idx + c["index"]
                 args.append((list(c["overrides"]), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state()))
             return executor.map_array(launcher, *zip(*args))
-        return executor.map_array(NodeTask(), [str(sweep_dir)] * len(ids), ids)
+        return executor.map_array(NodeTask(), [str(sweep_dir)] * len(ids), [[i, *riders.get(i, [])] for i in ids])
 
-    jobs = submit(graph, todo, submit_group)
-    if jobs:
-        record_submission(sweep_dir, jobs, graph)
+    live_ids = live_jobs(sweep_dir, graph, todo)
+    live = {i: submitit.SlurmJob(folder=executor.folder, job_id=j) for i, j in live_ids.items()}
+    if live:
+        log.info("%d node(s) still queued or running from an earlier submission: not submitted again, their "
+                 "dependants wait on them (%s)", len(live), ", ".join(f"{graph.nodes[i].name}={j}"
+                                                                    for i, j in live_ids.items()))
+    riders = fused_evals(graph, todo - set(live)) if OmegaConf.select(config, "launcher.fuse_eval", default=False) else {}
+    if riders:
+        log.info("launcher.fuse_eval=true: %d evaluation(s) run in the job of the stage or merge they evaluate",
+                 sum(len(v) for v in riders.values()))
+    jobs = submit(graph, todo - set(live) - {r for v in riders.values() for r in v}, submit_group, live=live,
+                  riders=riders)
+    if jobs or live:
+        record_submission(sweep_dir, jobs, graph, live)
     log.info("submitted %d node(s) as %d sbatch call(s) (submitit folder: %s)", len(jobs), sbatch_calls[0],
              executor.folder)
     for i, job in jobs.items():
@@ -332,10 +392,10 @@ def launch_graph(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
 
     order = sorted(cells, key=lambda c: cells[c]["index"])
     if not OmegaConf.select(config, "launcher.wait", default=True):
-        ids = sorted({str(j.job_id).split("_")[0] for j in jobs.values()})
+        ids = sorted({str(j.job_id).split("_")[0] for j in {**live, **jobs}.values()})
         log.info("launcher.wait=false: not waiting. Follow with: squeue -j %s", ",".join(ids))
         return [ret(c, task="submitted") for c in order]
-    results = wait_for_nodes(graph, jobs)
+    results = wait_for_nodes(graph, {**live, **jobs})
     out = []
     for c in order:
         sid = f"summary/{c}"

@@ -5,11 +5,11 @@ graph to ``<sweep dir>/.graph/graph.json`` and each cell's composed config to
 ``<sweep dir>/.graph/cells/<cell>.yaml``, then submits one SLURM job per node that is not done;
 each job calls :func:`run_node` (through :class:`NodeTask`, so a preempted job is requeued).
 
-A node runs exactly the pipeline's code for it, in the first cell that needs it
+A node runs exactly the in-process run's code for it, in the first cell that needs it
 (:class:`dft.pipeline.Cell`): the same checks and start/partner artefacts as :meth:`Cell.run`,
-then :meth:`Cell.train_or_reuse` for a stage, :meth:`Cell.merge` for a merge,
-:meth:`Cell.evaluate` for an evaluation. Its parents (earlier stages, the merged stage) are
-taken from the cache through the same methods, which find them complete; a parent that is not
+the same construction of the cell's nodes (:func:`dft.graph.cell_steps`) and the same per-node
+method (:meth:`Cell.run_node`: train or reuse a stage, merge, evaluate). Its ancestors (earlier
+stages, the merged stage) are reused from the cache by that method first; one that is not
 complete is an error (the launcher submits a node only after its parents, ``afterok``), never
 trained here. A cell's ``summary`` node is the cell itself (``run_cell``): every node before it
 is cached by then, so it reuses them and writes ``summary.json`` exactly as an in-process run.
@@ -64,16 +64,13 @@ def load_cell(sweep_dir: Path, cell: str) -> tuple[Any, Path]:
     return cfg, Path(cells[cell]["run_dir"])
 
 
-def _prepare(cell: Any) -> tuple[dict, Any]:
-    """What :meth:`Cell.run` does before its first node: checks, start and partner artefacts.
-
-    Returns ``(rows, start identity, partner)``; sets ``cell.start`` and ``cell.dist``.
-    """
+def _prepare(cell: Any) -> dict:
+    """What :meth:`Cell.run` does before its first node: checks, process group, start and partner
+    artefacts (:meth:`Cell.start_artefacts`). Returns the rows of the chain's splits; sets
+    ``cell.dist``, ``cell.start``, ``cell.partner`` and ``cell.start_id``."""
     from dft.config import validate
     from dft.distributed import init_process_group
-    from dft.graph import model_identity, start_key
     from dft.modeling import resolve_model_path
-    from dft.pipeline import Artefact
 
     cfg = cell.cfg
     validate(cfg)
@@ -82,78 +79,64 @@ def _prepare(cell: Any) -> tuple[dict, Any]:
     merging = cfg.merge.method != "none"
     partner_path = resolve_model_path(cfg.model, cfg.paths.cache, which="partner") if merging else None
     cell.dist = init_process_group()
-    start_id = model_identity(cfg.model, start_path)
-    cell.start = Artefact(name="start", kind="start", path=start_path, key=start_key(start_id))
-    partner = None
-    if merging:
-        pid = model_identity(cfg.model, partner_path) if partner_path != start_path else start_id
-        pkey = start_key(pid)
-        partner = cell.start if pkey == cell.start.key else Artefact(name="partner", kind="partner",
-                                                                      path=partner_path, key=pkey)
-    return rows, start_id, partner
+    cell.start_id, _ = cell.start_artefacts(start_path, partner_path)
+    return rows
 
 
-def run_graph_node(cell: Any, node: Any) -> Optional[dict]:
-    """Do ``node``'s work in ``cell`` (a :class:`dft.pipeline.Cell`), walking the chain as :meth:`Cell.run`.
+def find_step(steps: list, node: Any) -> Any:
+    """The cell's step of graph node ``node``: by id, or for an evaluation by kind, name and parents
+    (an evaluation's key holds the precision resolved where it was computed: a CPU login node plans
+    float32, a GPU job may evaluate in bf16). None: not a node of this cell."""
+    for s in steps:
+        if s.node.id == node.id:
+            return s
+    if node.kind in ("eval_start", "eval"):
+        for s in steps:
+            if s.node.kind == node.kind and s.node.name == node.name and s.node.parents == list(node.parents):
+                return s
+    return None
 
-    Returns the evaluation's metrics for an evaluation node, else None.
+
+def ancestors(steps: list, target: Any) -> set[str]:
+    """Ids of the steps ``target`` depends on, transitively."""
+    parents = {s.node.id: s.node.parents for s in steps}
+    out: set[str] = set()
+    todo = list(target.node.parents)
+    while todo:
+        i = todo.pop()
+        if i not in out:
+            out.add(i)
+            todo.extend(parents.get(i, []))
+    return out
+
+
+def run_graph_node(cell: Any, node: Any) -> None:
+    """Do ``node``'s work in ``cell`` (a :class:`dft.pipeline.Cell`) with the in-process run's code.
+
+    Builds the cell's nodes (:meth:`Cell.node_steps`, the construction the plan and the launcher
+    use), reuses the node's ancestors from the cache in topological order (``reuse_only``: a parent
+    that is not complete is an error, never trained here), then runs the node itself
+    (:meth:`Cell.run_node`). Not for ``summary`` nodes (:func:`run_node` runs the cell).
 
     Raises:
         DftError: a parent stage or merge is not complete in the cache, or the node is not one of
             this cell's (the graph and the cell's config disagree).
     """
-    from dft.config import STAGE_SPLIT
     from dft.distributed import destroy_process_group
-    from dft.graph import extend_lineage, merge_lineage, start_lineage
-    from dft.runs import canonical_hash
 
-    cfg = cell.cfg
-    rows, start_id, partner = _prepare(cell)
+    rows = _prepare(cell)
     try:
-        rank0 = cell.dist.is_rank0
-        if node.kind == "eval_start":
-            # by name, not by key: an evaluation's key holds the precision resolved where it was
-            # computed (a CPU login node plans float32, a GPU job may evaluate in bf16)
-            art = {"eval(start)": cell.start, "eval(partner)": partner}.get(node.name)
-            if art is None:
-                raise DftError(f"node {node.id} ({node.name}): evaluates neither the start nor the partner model "
-                               f"of cell {cell.cell}")
-            return cell.evaluate(art) if rank0 else None
-        lineage = start_lineage(cfg, start_id)
-        parent = cell.start
-        chain = list(cfg.strategy.chain)
-        for i, stage in enumerate(chain):
-            lineage = extend_lineage(lineage, cfg, stage, cell.data_identity)
-            key = canonical_hash(lineage)
-            if node.kind == "stage" and key == node.key:
-                cell.train_or_reuse(stage, parent, rows[STAGE_SPLIT[stage]], lineage)
-                return None
-            if not cell.cache.is_complete(key):
-                raise DftError(f"node {node.id} ({node.name}): its parent stage {key} is not complete in "
-                               f"{cell.cache.root}; the graph runs a node only after its parents")
-            art = cell.train_or_reuse(stage, parent, rows[STAGE_SPLIT[stage]], lineage)  # the cached parent
-            last = i == len(chain) - 1
-            if node.kind == "eval" and key == _of(node) and (cfg.eval.stages or last):
-                return cell.evaluate(art) if rank0 else None
-            if partner is not None and (cfg.merge.at == "each" or last):
-                mkey = canonical_hash(merge_lineage(cfg, art.key, partner.key))
-                if node.kind == "merge" and mkey == node.key:
-                    if rank0:
-                        cell.merge(art, partner)
-                    return None
-                if node.kind == "eval" and mkey == _of(node):
-                    if not cell.cache.is_complete(mkey):
-                        raise DftError(f"node {node.id} ({node.name}): the merge {mkey} it evaluates is not complete")
-                    return cell.evaluate(cell.merge(art, partner)) if rank0 else None
-            parent = art
-        raise DftError(f"node {node.id} ({node.name}) is not a node of cell {cell.cell}")
+        steps = cell.node_steps(cell.start_id, cell.partner)
+        target = find_step(steps, node)
+        if target is None or target.node.kind == "summary":
+            raise DftError(f"node {node.id} ({node.name}) is not a node of cell {cell.cell}")
+        need = ancestors(steps, target)
+        for step in steps:
+            if step.node.id in need:
+                cell.run_node(step, rows, reuse_only=True)
+        cell.run_node(target, rows)
     finally:
         destroy_process_group()
-
-
-def _of(node: Any) -> Optional[str]:
-    """Key of the stage or merge an evaluation node evaluates (its parent's key)."""
-    return node.parents[0].split("/", 1)[1] if node.parents else None
 
 
 def run_node(sweep_dir: str | os.PathLike, node_id: str) -> Optional[float]:
@@ -204,13 +187,21 @@ class NodeTask(_Checkpointable):  # type: ignore[misc,valid-type]
     from its last trainer checkpoint in the cache entry's ``work/`` folder, as in a cell.
     """
 
-    def __call__(self, sweep_dir: str, node_id: str) -> Optional[float]:
+    def __call__(self, sweep_dir: str, node_id: "str | list[str]") -> Optional[float]:
+        """Run ``node_id`` (or each of a list, in order: a stage and the evaluations fused into its
+        job, ``launcher.fuse_eval``); returns the last one's :func:`run_node` value."""
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(levelname)s %(name)s] %(message)s",
                             force=True)
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
         import dft.train  # noqa: F401  registers the resolvers the cell configs may use
 
-        return run_node(sweep_dir, node_id)
+        out = None
+        for i in [node_id] if isinstance(node_id, str) else list(node_id):
+            out = run_node(sweep_dir, i)
+        from dft.launching import register_fast_exit
+
+        register_fast_exit()  # the job's slot is not held through the interpreter's teardown
+        return out
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -10,6 +10,12 @@ path of DESIGN.md §3:
 4. merge with the partner model if asked (mergekit), after every stage or at the end;
 5. evaluate every artefact (cached by artefact and eval config), compute merge synergy;
 6. write ``summary.json``, finish the W&B run, print a table, return the objective.
+
+Steps 3-5 are the cell's nodes of the sweep's graph (:func:`dft.graph.cell_steps`: evaluation of
+the start model, each stage, each merge, each evaluation, then the summary), built exactly as the
+dry-run plan and the graph launcher build them and executed in the graph's topological order by
+:meth:`Cell.run_node`, the same method a graph launcher's job (``python -m dft.node``) runs for its
+one node. ``Cell.visited`` lists the node ids a run executed, in order.
 """
 
 from __future__ import annotations
@@ -101,6 +107,8 @@ class Cell:
         self.artefacts: list[Artefact] = []
         self._tok = None
         self.current_stage: Optional[tuple] = None  #: (artefact, work dir, save_steps) while a stage trains
+        self.merges: list[Artefact] = []  #: merged artefacts (rank 0), for the summary's synergy
+        self.visited: list[str] = []  #: graph node ids this process ran, in order (tests/test_graph.py)
 
     # ------------------------------------------------------------------ checks before work
     def check_inputs(self) -> dict[str, list[dict]]:
@@ -391,51 +399,22 @@ class Cell:
         try:
             if rank0:
                 self.print_start(start_path)
-            start_id = model_identity(cfg.model, start_path)
-            self.start = Artefact(name="start", kind="start", path=start_path, key=start_key(start_id))
-            if rank0:
-                self.evaluate(self.start)
-            self._barrier()
-            self.artefacts.append(self.start)
-            partner = None
-            if merging:
-                pid = model_identity(cfg.model, partner_path) if partner_path != start_path else start_id
-                pkey = start_key(pid)
-                if pkey == self.start.key:
-                    partner = self.start
-                else:
-                    partner = Artefact(name="partner", kind="partner", path=partner_path, key=pkey)
-                    if rank0:
-                        self.evaluate(partner)
-                    self._barrier()
-                    self.artefacts.append(partner)
-            parent = self.start
-            lineage: dict[str, Any] = start_lineage(cfg, start_id)
-            merges = []
-            for i, stage in enumerate(cfg.strategy.chain):
-                lineage = extend_lineage(lineage, cfg, stage, self.data_identity)
-                art = self.train_or_reuse(stage, parent, rows[STAGE_SPLIT[stage]], lineage)
-                if rank0 and self.tracker:  # train/<stage>/loss|grad_norm|learning_rate vs train/<stage>/step
-                    self.tracker.curves(stage, self.train_facts.get(art.name, {}).get("log_history"))
-                last = i == len(cfg.strategy.chain) - 1
-                if rank0 and (cfg.eval.stages or last):
-                    self.evaluate(art)
-                self.artefacts.append(art)
-                if partner is not None and (cfg.merge.at == "each" or last):
-                    if rank0:
-                        m = self.merge(art, partner)
-                        self.evaluate(m)
-                        self.artefacts.append(m)
-                        merges.append(m)
-                self._barrier()
-                parent = art
+            start_id, partner = self.start_artefacts(start_path, partner_path)
+            # the cell's nodes of the sweep's graph (dft.graph.cell_steps, as the dry-run plan and the
+            # graph launcher build them), executed in the graph's topological order by the same
+            # per-node code a graph launcher's job runs (run_node); the summary node is written below
+            for step in self.node_steps(start_id, partner):
+                if step.node.kind == "summary":
+                    self.visited.append(step.node.id)
+                    break
+                self.run_node(step, rows)
             if merging and not cfg.strategy.chain:
                 log.warning("merge.method=%s with strategy=none: nothing was trained, so nothing is merged",
                             cfg.merge.method)
             if not rank0:
                 ok = True
                 return None
-            summary = self.summary(merges, partner)
+            summary = self.summary(self.merges, partner)
             fault_point("summary")
             write_json(summary_path, summary)
             if self.tracker:
@@ -454,6 +433,84 @@ class Cell:
             if self.tracker:
                 self.tracker.finish(exit_code=0 if ok else 1)
             destroy_process_group()
+
+    # ------------------------------------------------------------------ the cell's graph nodes
+    def start_artefacts(self, start_path: Path, partner_path: Optional[Path]) -> tuple[dict, Optional[Artefact]]:
+        """The start (``self.start``) and partner artefacts and the start's :func:`model_identity`.
+
+        Returns ``(start identity, partner)``: partner None when the cell does not merge, ``self.start``
+        itself when the partner's weights are the start's. Appends them to ``self.artefacts``.
+        """
+        start_id = model_identity(self.cfg.model, start_path)
+        self.start = Artefact(name="start", kind="start", path=start_path, key=start_key(start_id))
+        self.artefacts.append(self.start)
+        self.partner: Optional[Artefact] = None
+        if partner_path is not None:
+            pid = model_identity(self.cfg.model, partner_path) if partner_path != start_path else start_id
+            pkey = start_key(pid)
+            if pkey == self.start.key:
+                self.partner = self.start
+            else:
+                self.partner = Artefact(name="partner", kind="partner", path=partner_path, key=pkey)
+                self.artefacts.append(self.partner)
+        self.produced: dict[str, Artefact] = {"start": self.start}
+        if self.partner is not None:
+            self.produced["partner"] = self.partner
+        return start_id, self.partner
+
+    def node_steps(self, start_id: dict, partner: Optional[Artefact]) -> list:
+        """This cell's nodes (:class:`dft.graph.Step`) in the topological order of its graph."""
+        from dft.graph import cell_order, cell_steps
+
+        return cell_order(cell_steps(self.cfg, self.cell, start_id, partner.key if partner else None,
+                                     self.data_identity, lambda k: eval_key(self, k)))
+
+    def run_node(self, step: Any, rows: dict[str, list[dict]], *, reuse_only: bool = False) -> None:
+        """Do one node's work (not ``summary``: :meth:`_run` writes it): the code an in-process cell
+        and a graph launcher's job (:func:`dft.node.run_graph_node`) both run.
+
+        Every rank trains a stage; rank 0 alone evaluates and merges; all ranks meet at a barrier
+        after each node. The artefact a stage or merge produces is kept in ``self.produced`` (by
+        node id) for the nodes that take it. ``reuse_only``: the node must already be complete in
+        the cache (a graph job's parents), it is reused, never trained or merged here.
+
+        Raises:
+            DftError: ``reuse_only`` and the node is not complete; a node's artefact has another key
+                than its node (the graph and the run disagree).
+        """
+        n = step.node
+        rank0 = self.dist.is_rank0 if hasattr(self, "dist") else True
+        if reuse_only and n.kind in ("stage", "merge") and \
+                not self._from_rank0(self.cache.is_complete(n.key) if rank0 else None):
+            raise DftError(f"node {n.id} ({n.name}) of cell {self.cell} is not complete in {self.cache.root}; "
+                           "the graph runs a node only after its parents")
+        if n.kind in ("eval_start", "eval"):
+            if rank0:
+                self.evaluate(self.produced[step.of])
+        elif n.kind == "stage":
+            parent = self.produced[n.parents[0]] if n.parents else self.start
+            art = self.train_or_reuse(step.stage, parent, rows[STAGE_SPLIT[step.stage]], step.lineage)
+            if rank0 and self.tracker:  # train/<stage>/loss|grad_norm|learning_rate vs train/<stage>/step
+                self.tracker.curves(step.stage, self.train_facts.get(art.name, {}).get("log_history"))
+            self._same_key(n, art)
+            self.produced[n.id] = art
+            self.artefacts.append(art)
+        elif n.kind == "merge":
+            if rank0:
+                m = self.merge(self.produced[step.of], self.partner)
+                self._same_key(n, m)
+                self.produced[n.id] = m
+                self.artefacts.append(m)
+                self.merges.append(m)
+        else:
+            raise DftError(f"node {n.id}: kind {n.kind!r} is not run by Cell.run_node")
+        self.visited.append(n.id)
+        self._barrier()
+
+    def _same_key(self, node: Any, art: Artefact) -> None:
+        if art.key != node.key:
+            raise DftError(f"node {node.id} ({node.name}) of cell {self.cell}: the run produced key {art.key}; "
+                           "the graph and the run disagree")
 
     # ------------------------------------------------------------------ multi-process helpers
     def _backend(self) -> Optional[str]:
@@ -550,11 +607,14 @@ class Cell:
             lines.append("  no CUDA device: training runs without bf16 and gradient checkpointing (they fail or run ~13x "
                          "slower on CPU)")
         try:
-            from dft.memory import describe
+            # a training-memory estimate, when this run trains: a cell that only evaluates, or whose
+            # stages are all cached (a graph launcher's summary job), has none (and skips importing
+            # transformers for it)
+            if cfg.strategy.chain and not self.stages_cached(start_path):
+                from transformers import AutoConfig
 
-            from transformers import AutoConfig
+                from dft.memory import describe
 
-            if cfg.strategy.chain:  # a training-memory estimate; a cell that only evaluates has none
                 lines.append("  " + describe(cfg.model, cfg.peft, _container(cfg.strategy[cfg.strategy.chain[0]].trainer),
                                              AutoConfig.from_pretrained(start_path)))
         except Exception as e:  # noqa: BLE001 - the estimate is informative only
@@ -567,6 +627,16 @@ class Cell:
             lines.append("  " + pw)
         for ln in lines:
             log.info(ln)
+
+    def stages_cached(self, start_path: Path) -> bool:
+        """Whether every stage of the chain is complete in the stage cache (``force`` counts as not)."""
+        from dft.graph import chain_lineages
+
+        if self.cfg.force:
+            return False
+        start_id = model_identity(self.cfg.model, start_path)
+        return all(self.cache.is_complete(canonical_hash(lin))
+                   for _, _, lin in chain_lineages(self.cfg, start_id, self.data_identity))
 
     def print_plan(self) -> None:
         """``dry_run=true``: check the data, every TRL config and the mergekit config, compute the

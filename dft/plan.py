@@ -72,6 +72,7 @@ FORMULA = "GPU-h = k*N*tokens / (peak*MFU) / 3600; k = 2 fwd + 2 bwd + 2 weight 
 from dft.graph import (  # noqa: E402,F401
     EVAL_VERSION,
     MODEL_LINEAGE_KEYS,
+    cell_steps,
     chain_lineages,
     eval_key,
     evaluates,
@@ -276,7 +277,7 @@ def estimate_stage(stage: str, args: Any, rows: list[dict], cfg: Any, n_params: 
 def make_plan(cell: Any) -> dict:
     """Validate a cell's configs and return its plan (see the module docstring); trains nothing."""
     from dft.config import STAGE_SPLIT, validate
-    from dft.runs import canonical_hash, read_json
+    from dft.runs import read_json
     from dft.stages import build_trl_config
 
     cfg = cell.cfg
@@ -307,45 +308,35 @@ def make_plan(cell: Any) -> dict:
     def cached(key: str) -> Optional[bool]:
         return None if provisional else cache.is_complete(key)
 
-    # the cell's nodes of the sweep's graph (dft.graph), in the order Cell.run meets them
+    # the cell's nodes of the sweep's graph: dft.graph.cell_steps, the construction Cell.run executes
+    steps = cell_steps(cfg, cell.cell, start_id, partner_key if merging else None, cell.data_identity,
+                       lambda k: eval_key(cell, k))
     nodes: list[dict] = []
-
-    def eval_entry(name: str, key: str, of: Optional[str] = None) -> Optional[dict]:
-        ek = eval_key(cell, key)
-        if ek is None:
-            return None
-        done = None if provisional else read_json(cache.root / "_eval" / ek / "metrics.json") is not None
-        nodes.append({"id": node_id("eval", ek), "kind": "eval" if of else "eval_start", "key": ek,
-                      "name": f"eval({name})", "parents": [of] if of else [], "gpu_hours": 0.0, "cached": done})
-        return {"artefact": name, "key": ek, "cached": done}
-
-    evals = [eval_entry("start", start_k)]
-    if merging and partner_key != start_k:
-        evals.append(eval_entry("partner", partner_key))
-    stages, merges = [], []
-    prev = None
-    chain = chain_lineages(cfg, start_id, cell.data_identity)
+    stages, merges, evals = [], [], []
     mergekit_ok = None
-    for i, (stage, name, lineage) in enumerate(chain):
-        key = canonical_hash(lineage)
-        sc = cfg.strategy[stage]
-        args = build_trl_config(stage, plain(sc.trainer), output_dir=str(cell.run_dir / "dry"), device=cell.device,
-                                peft_cfg=cfg.peft, model_cfg=cfg.model, report_to="none", seed=cfg.seed,
-                                stage_cfg=sc)
-        use = rows[STAGE_SPLIT[stage]]
-        use = use[: sc.max_samples] if sc.max_samples else use
-        stages.append({"artefact": name, "kind": stage, "key": key, "cached": cached(key),
-                       "trl_config": type(args).__name__, **estimate_stage(stage, args, use, cfg, n_params)})
-        nodes.append({"id": node_id("stage", key), "kind": "stage", "key": key, "name": name,
-                      "parents": [prev] if prev else [], "gpu_hours": stages[-1]["gpu_hours"], "cached": cached(key)})
-        prev = node_id("stage", key)
-        last = i == len(chain) - 1
-        if cfg.eval.stages or last:
-            evals.append(eval_entry(name, key, of=prev))
-        if merging and (cfg.merge.at == "each" or last):
+    for step in steps:
+        n = step.node
+        entry = {"id": n.id, "kind": n.kind, "key": n.key, "name": n.name, "parents": list(n.parents),
+                 "gpu_hours": 0.0}
+        if n.kind in ("eval_start", "eval"):
+            done = None if provisional else read_json(cache.root / "_eval" / n.key / "metrics.json") is not None
+            evals.append({"artefact": n.name[len("eval("):-1], "key": n.key, "cached": done})
+            entry["cached"] = done
+        elif n.kind == "stage":
+            stage = step.stage
+            sc = cfg.strategy[stage]
+            args = build_trl_config(stage, plain(sc.trainer), output_dir=str(cell.run_dir / "dry"), device=cell.device,
+                                    peft_cfg=cfg.peft, model_cfg=cfg.model, report_to="none", seed=cfg.seed,
+                                    stage_cfg=sc)
+            use = rows[STAGE_SPLIT[stage]]
+            use = use[: sc.max_samples] if sc.max_samples else use
+            stages.append({"artefact": n.name, "kind": stage, "key": n.key, "cached": cached(n.key),
+                           "trl_config": type(args).__name__, **estimate_stage(stage, args, use, cfg, n_params)})
+            entry.update(gpu_hours=stages[-1]["gpu_hours"], cached=cached(n.key))
+        elif n.kind == "merge":
             from dft.merging import build_merge_config
 
-            final = cache.entry(key) / "final"
+            final = cache.entry(n.parents[0].split("/", 1)[1]) / "final"
             partner_ref = str(partner_path) if partner_path else str(cfg.model.partner or cfg.model.hub_id)
             build_merge_config(cfg.merge, str(final), partner_ref)  # raises DftError naming the problem
             if mergekit_ok is None and start_path is not None and partner_path is not None and partner_path != start_path:
@@ -353,17 +344,14 @@ def make_plan(cell: Any) -> dict:
 
                 check_compatible(str(start_path), str(partner_path))  # configs only
             mergekit_ok = True
-            mkey = canonical_hash(merge_lineage(cfg, key, partner_key))
-            mname = f"{name}+{cfg.merge.method}"
-            merges.append({"artefact": mname, "key": mkey, "cached": cached(mkey), "method": cfg.merge.method,
-                           "parents": [name, "start" if partner_key == start_k else "partner"]})
-            nodes.append({"id": node_id("merge", mkey), "kind": "merge", "key": mkey, "name": mname,
-                          "parents": [prev], "gpu_hours": 0.0, "cached": cached(mkey)})
-            evals.append(eval_entry(mname, mkey, of=node_id("merge", mkey)))
-    done = read_json(cell.run_dir / "summary.json")
-    nodes.append({"id": node_id("summary", cell.cell), "kind": "summary", "key": cell.cell, "name": f"summary({cell.cell})",
-                  "parents": [n["id"] for n in nodes], "gpu_hours": 0.0,
-                  "cached": bool(done and done.get("status") == "finished")})
+            merges.append({"artefact": n.name, "key": n.key, "cached": cached(n.key), "method": cfg.merge.method,
+                           "parents": [n.name[: -len(f"+{cfg.merge.method}")],
+                                       "start" if partner_key == start_k else "partner"]})
+            entry["cached"] = cached(n.key)
+        else:  # summary
+            done = read_json(cell.run_dir / "summary.json")
+            entry["cached"] = bool(done and done.get("status") == "finished")
+        nodes.append(entry)
     gh = [s["gpu_hours"] for s in stages]
     known = all(g is not None for g in gh)
     return {

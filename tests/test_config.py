@@ -199,3 +199,19 @@ def test_dry_run_refuses_a_negative_learning_rate_in_one_line(tmp_path):
     assert p.stderr.strip().splitlines()[-1] == (
         "error: strategy.dpo.trainer.learning_rate=-0.0001 is out of range: allowed (0, 1]")
     assert "Traceback" not in p.stderr
+
+
+def test_shard_size_check_reads_sizes_as_transformers_does():
+    """dft.config.parse_size (validate's check of model.max_shard_size, without importing transformers)
+    accepts and reads every size as transformers' save_pretrained does."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    from dft.config import parse_size
+
+    for v in [100, "100MB", "5GB", "5GiB", "5gb", "1Gb", "10KiB", "10kb", "2MIB", "1.5GB", "xx", "12", "5TB", "GB", ""]:
+        try:
+            want = convert_file_size_to_int(v)
+        except (ValueError, TypeError):
+            want = None
+        assert parse_size(v) == want, v
+    assert parse_size(True) is None and parse_size(None) is None

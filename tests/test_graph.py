@@ -182,3 +182,37 @@ def test_paper_all_dry_run_prints_both_layouts_idle_hours(tmp_path):
     assert grid["layouts"]["graph"]["idle_gpu_h"] == 0
     assert grid["layouts"]["cells"]["idle_gpu_h"] == pytest.approx(idle, rel=5e-3)
     assert grid["layouts"]["cells"]["jobs"] == 48
+
+
+# ------------------------------------------------------------------------------- the run executes the graph
+def test_in_process_cell_runs_exactly_its_graph_nodes_in_topological_order(tmp_path, tiny_model):
+    """A cell run in this process (what launcher=local and plain ``python -m dft.train`` do) walks the
+    nodes of its plan's graph: every one of them once, each after its parents, and its summary holds
+    one artefact per stage/merge node with the key of that node."""
+    from conftest import compose
+    from dft.graph import Graph
+    from dft.pipeline import Cell
+    from dft.plan import make_plan
+
+    cfg = compose(["model=tiny", "data=tiny", "strategy=cpt_sft", "merge=slerp", "merge.at=each", "eval.stages=true",
+                   "eval.max_items=2", "eval.perplexity=false", "eval.generate=false", "logger=none",
+                   *[f"strategy.{s}.trainer.max_steps=1" for s in ("cpt", "sft")],
+                   f"paths.stages={tmp_path / '_stages'}", f"paths.runs={tmp_path}"])
+    g = Graph.from_plans([make_plan(Cell(cfg, tmp_path / "c", "c"))])
+    assert g.counts() == {"eval_start": 1, "stage": 2, "merge": 2, "eval": 4, "summary": 1}
+    cell = Cell(cfg, tmp_path / "c", "c")
+    cell.run()
+    assert sorted(cell.visited) == sorted(g.cells["c"]) and len(cell.visited) == len(set(cell.visited))
+    pos = {i: k for k, i in enumerate(cell.visited)}
+    assert all(pos[p] < pos[i] for i in cell.visited for p in g.nodes[i].parents)
+    s = json.loads((tmp_path / "c" / "summary.json").read_text())
+    made = {a["name"]: a["key"] for a in s["artefacts"] if a["kind"] in ("stage", "merge")}
+    assert made == {n.name: n.key for n in g.nodes.values() if n.kind in ("stage", "merge")}
+    assert [a["name"] for a in s["artefacts"]] == ["start", "cpt", "cpt+slerp", "cpt_sft", "cpt_sft+slerp"]
+    # every evaluation node's result is in the summary (eval.stages=true: the stages and merges are evaluated)
+    evaluated = {a["name"] for a in s["artefacts"] if a["metrics"]}
+    assert evaluated == {n.name[len("eval("):-1] for n in g.nodes.values() if n.kind in ("eval", "eval_start")}
+    # a second Cell on the same caches (a graph job's view) reuses everything: nothing trains
+    again = Cell(cfg, tmp_path / "c2", "c2")
+    again.run()
+    assert again.cache.stats["trained"] == 0 and len(again.visited) == len(cell.visited)

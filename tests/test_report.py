@@ -405,6 +405,7 @@ def test_report_on_a_sweep_without_evaluation(tmp_path):
     assert "## Training" in text and "Note:" not in text
 
 
+@pytest.mark.slow  # a real 2-cell sweep; the default suite: synthetic seeds and Holm above, a real report in test_train_e2e.py
 def test_real_tiny_sweep_with_two_seeds(tmp_path, tiny_model):
     """A real two-seed sweep of the tiny model: seed aggregation, comparisons and Holm in the report."""
     from conftest import run_train

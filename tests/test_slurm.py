@@ -478,6 +478,8 @@ def test_two_task_job_trains_ddp_with_gloo(slurm: LocalSlurm, tmp_path):
 
 
 @pytest.mark.slurm
+@pytest.mark.slow  # 305 s at load ~6 (165 s sharing the local run); the default suite submits an array in
+# test_grid_is_one_job_array_with_expected_flags and runs paper_demo locally in tests/test_grid.py
 def test_paper_demo_through_slurm_matches_launcher_local(slurm: LocalSlurm, tmp_path, paper_demo_local):
     """grid=paper_demo (on the tiny model, one step per stage) through the local SLURM, as one job
     array whose cells share the stage cache, gives the same cells, the same four trainings and the

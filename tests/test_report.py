@@ -2,7 +2,7 @@
 
 The fixture writes summary.json / eval JSON in the exact docs/CONTRACTS.md formats with made-up
 numbers; every expected value below is read back from those files independently of dft.analysis.
-``test_real_tiny_sweep_with_two_seeds`` runs a real two-seed tiny-model sweep instead.
+``test_real_tiny_sweep_with_two_seeds`` (``-m slow``) runs a real two-seed tiny-model sweep instead.
 """
 
 from __future__ import annotations

@@ -64,3 +64,21 @@ def compose(overrides: list[str] | None = None):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return hydra_compose(config_name="train", overrides=list(overrides or []))
 
+
+
+#: grid=paper_demo on the tiny model: one step per stage, 2 items per benchmark
+PAPER_DEMO = ["grid=paper_demo", "model=tiny", "data=tiny", "logger=none", "eval.max_items=2", "eval.ppl_max_tokens=200",
+              "eval.max_new_tokens=2"] + [f"strategy.{s}.trainer.max_steps=1" for s in ("cpt", "sft", "dpo", "orpo")]
+
+
+@pytest.fixture(scope="session")
+def paper_demo_local(tmp_path_factory, tiny_model) -> Path:
+    """The runs folder of ``-m PAPER_DEMO`` with launcher=local, trained once per session.
+
+    One torch thread (``OMP_NUM_THREADS=1``, what the local SLURM gives a task), so that
+    tests/test_slurm.py can compare the numbers of the same grid run through SLURM. Read-only:
+    a test that writes into it (a dry run's plans, a report) works on a copy.
+    """
+    runs = tmp_path_factory.mktemp("paper_demo_local")
+    run_train(["-m", *PAPER_DEMO], runs, env={"OMP_NUM_THREADS": "1"}, timeout=1200)
+    return runs

@@ -15,6 +15,14 @@ ARGS = ["strategy=cpt_sft", "merge=slerp", "experiment=embedded", "eval.benchmar
         "strategy.sft.trainer.max_steps=2", "strategy.cpt.max_samples=40", "strategy.sft.max_samples=64"]
 
 
+#: the main job on the real 135M model takes minutes (766 s of fixture setup in a default run on 2
+#: cores at load ~6, 2026-12-08): ``-m slow``.
+#: The default suite runs the same path (chain, SLERP merge, evaluation, summary) on the tiny model
+#: (tests/test_train_e2e.py) and the embedded model's evaluation and generation in-process
+#: (tests/test_mcq.py, tests/test_chat.py).
+SLOW_MAIN_JOB = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def embedded_run(tmp_path_factory, embedded_model):
     runs = tmp_path_factory.mktemp("runs")
@@ -23,6 +31,7 @@ def embedded_run(tmp_path_factory, embedded_model):
     return summary.parent, json.loads(summary.read_text())
 
 
+@SLOW_MAIN_JOB
 def test_cpt_lowers_heldout_perplexity(embedded_run):
     _, s = embedded_run
     ppl = {a["name"]: a["metrics"]["ppl"] for a in s["artefacts"]}
@@ -30,6 +39,7 @@ def test_cpt_lowers_heldout_perplexity(embedded_run):
     assert s["train"]["cpt"]["train_loss"] > 0 and s["train"]["cpt"]["steps"] == 8
 
 
+@SLOW_MAIN_JOB
 def test_every_artefact_loads_and_generates(embedded_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -48,6 +58,7 @@ def test_every_artefact_loads_and_generates(embedded_run):
         assert text.strip(), a["name"]
 
 
+@SLOW_MAIN_JOB
 def test_artefacts_are_sharded_at_max_shard_size(embedded_run, embedded_model):
     """conf/model/smollm2_135m.yaml's max_shard_size is 100MB: every stage artefact (~0.54 GB fp32)
     is saved in shards of at most that (transformers starts a new shard before a tensor would pass

@@ -10,6 +10,7 @@ import fcntl
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CACHE, ROOT, compose, run_train
+from conftest import CACHE, PAPER_DEMO, ROOT, compose, run_train
 
 STAGES = ("cpt", "sft", "dpo", "orpo")
 ONE_STEP = [f"strategy.{s}.trainer.max_steps=1" for s in STAGES]
@@ -307,10 +308,12 @@ def test_a_paper_grid_plans_without_its_weights(tmp_path):
     assert not (tmp_path / "hf").exists() or not list((tmp_path / "hf").rglob("*.safetensors"))
 
 
-def test_paper_demo_runs_and_reports(tmp_path, tiny_model):
-    """grid=paper_demo end to end (on the tiny model, one step per stage, 2 items per benchmark)."""
-    run_train(["-m", "grid=paper_demo", "model=tiny", "data=tiny", "logger=none", *ONE_STEP, "eval.max_items=2",
-               "eval.ppl_max_tokens=200", "eval.max_new_tokens=2"], tmp_path)
+def test_paper_demo_runs_and_reports(paper_demo_local, tmp_path):
+    """grid=paper_demo end to end (on the tiny model, one step per stage, 2 items per benchmark).
+
+    The grid's run is conftest's session fixture (tests/test_slurm.py compares it with the same grid
+    through SLURM); the dry run and the report write into a copy of it."""
+    shutil.copytree(paper_demo_local, tmp_path, symlinks=True, dirs_exist_ok=True)  # stage links are relative
     sums = summaries(tmp_path, "paper_demo")
     assert len(sums) == 8
     assert trained(sums) == ["cpt", "cpt_sft", "cpt_sft_dpo", "cpt_sft_orpo"]
@@ -319,8 +322,7 @@ def test_paper_demo_runs_and_reports(tmp_path, tiny_model):
     assert len(list((tmp_path / "_stages" / "_eval").glob("*/metrics.json"))) == 9
     assert sum(len(s["artefacts"]) for s in sums) == 8 + 18 + 4   # a start per cell, 9 stages per merge setting, 4 merges
     # a dry run of the same grid finds every evaluation cached: plans and runs share one eval key
-    run_train(["-m", "grid=paper_demo", "model=tiny", "data=tiny", "logger=none", *ONE_STEP, "eval.max_items=2",
-               "eval.ppl_max_tokens=200", "eval.max_new_tokens=2", "dry_run=true"], tmp_path)
+    run_train(["-m", *PAPER_DEMO, "dry_run=true"], tmp_path)
     plans = [json.loads(q.read_text()) for q in (tmp_path / "paper_demo" / ".plan").glob("*.json") if q.name != "_grid.json"]
     assert len(plans) == 8 and all(e["cached"] is True for pl in plans for e in pl["evals"])
     assert sum(len(pl["evals"]) for pl in plans) == 8 + 18 + 4

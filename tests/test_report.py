@@ -2,7 +2,7 @@
 
 The fixture writes summary.json / eval JSON in the exact docs/CONTRACTS.md formats with made-up
 numbers; every expected value below is read back from those files independently of dft.analysis.
-``test_real_tiny_sweep_with_two_seeds`` runs a real two-seed tiny-model sweep instead.
+``test_real_tiny_sweep_with_two_seeds`` (``-m slow``) runs a real two-seed tiny-model sweep instead.
 """
 
 from __future__ import annotations
@@ -417,6 +417,7 @@ def test_report_on_a_sweep_without_evaluation(tmp_path):
     assert "## Training" in text and "Note:" not in text
 
 
+@pytest.mark.slow  # a real 2-cell sweep; the default suite: synthetic seeds and Holm above, a real report in test_train_e2e.py
 def test_real_tiny_sweep_with_two_seeds(tmp_path, tiny_model):
     """A real two-seed sweep of the tiny model: seed aggregation, comparisons and Holm in the report."""
     from conftest import run_train

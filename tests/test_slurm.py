@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from conftest import PAPER_DEMO
 from slurm_fixtures import ROOT, LocalSlurm, slurm  # noqa: F401  (fixture)
 
 LAUNCHERS = ["local", "submitit_local", "slurm", "slurm_cells", "slurm_8gpu"]
@@ -477,20 +478,20 @@ def test_two_task_job_trains_ddp_with_gloo(slurm: LocalSlurm, tmp_path):
 
 
 @pytest.mark.slurm
-def test_paper_demo_through_slurm_matches_launcher_local(slurm: LocalSlurm, tmp_path, tiny_model):
+@pytest.mark.slow  # 305 s at load ~6 (165 s sharing the local run); the default suite submits an array in
+# test_grid_is_one_job_array_with_expected_flags and runs paper_demo locally in tests/test_grid.py
+def test_paper_demo_through_slurm_matches_launcher_local(slurm: LocalSlurm, tmp_path, paper_demo_local):
     """grid=paper_demo (on the tiny model, one step per stage) through the local SLURM, as one job
     array whose cells share the stage cache, gives the same cells, the same four trainings and the
-    same metrics per artefact as launcher=local. One torch thread on both sides (SLURM gives a
-    task one CPU here), so the float sums, and hence the numbers, are the same."""
-    demo = ["grid=paper_demo", "model=tiny", "data=tiny", "logger=none", "eval.max_items=2", "eval.ppl_max_tokens=200",
-            "eval.max_new_tokens=2"] + [f"strategy.{s}.trainer.max_steps=1" for s in ("cpt", "sft", "dpo", "orpo")]
-    runs = {}
-    for side, extra in (("local", []), ("slurm", _slurm_args(slurm, array_parallelism=2, timeout_min=30))):
-        runs[side] = tmp_path / side
-        env = dict(_train_env(runs[side]), OMP_NUM_THREADS="1")
-        p = subprocess.run([sys.executable, "-m", "dft.train", "-m", *demo, *extra], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=1200)
-        assert p.returncode == 0, f"{side}: {p.stderr[-4000:]}"
+    same metrics per artefact as launcher=local (conftest's session run, shared with
+    tests/test_grid.py). One torch thread on both sides (SLURM gives a task one CPU here), so the
+    float sums, and hence the numbers, are the same."""
+    runs = {"local": paper_demo_local, "slurm": tmp_path / "slurm"}
+    env = dict(_train_env(runs["slurm"]), OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "dft.train", "-m", *PAPER_DEMO,
+                        *_slurm_args(slurm, array_parallelism=2, timeout_min=30)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, f"slurm: {p.stderr[-4000:]}"
     scripts = list((runs["slurm"] / "paper_demo" / ".submitit").glob("*/*_submission.sh"))
     assert len(scripts) == 1 and _sbatch_flags(scripts[0])["array"] == "0-7%2"
 

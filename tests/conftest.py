@@ -53,6 +53,23 @@ def run_train(args: list[str], runs_dir: Path, *, timeout: float = 900, env: dic
     return p
 
 
+
+def run_gloo_ranks(code: str, job_id: str, n: int = 2, timeout: float = 180) -> list[str]:
+    """Run ``python -c code`` as ``n`` ranks of one SLURM-style step (gloo on CPU, no GPU), the way
+    ``dft.distributed.detect`` sees ``srun``'s tasks; assert each exits 0; return their stdouts by rank."""
+    procs = []
+    for rank in range(n):
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+        env.update(SLURM_STEP_ID="0", SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_STEP_NUM_TASKS=str(n),
+                   SLURM_STEP_NODELIST="localhost", SLURM_STEP_NUM_NODES="1", SLURM_JOB_ID=job_id,
+                   CUDA_VISIBLE_DEVICES="")
+        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, cwd=ROOT))
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+    return [out for out, _ in outs]
+
 def compose(overrides: list[str] | None = None):
     """Compose ``conf/train.yaml`` with Hydra's compose API (no run); the resolvers of dft.train apply."""
     import dft.train  # noqa: F401  registers the schema and resolvers

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CACHE, ROOT, run_train
+from conftest import CACHE, ROOT, run_gloo_ranks, run_train
 
 
 def _dead_pid() -> int:
@@ -249,16 +249,6 @@ def test_ranks_agree_on_a_preemption_signal_one_of_them_received(tmp_path):
         "print(d.rank, step, control.should_save, sig.received)\n"
         "destroy_process_group()\n"
     )
-    procs = []
-    for rank in range(2):
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-        env.update(SLURM_STEP_ID="0", SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_STEP_NUM_TASKS="2",
-                   SLURM_STEP_NODELIST="localhost", SLURM_STEP_NUM_NODES="1", SLURM_JOB_ID=str(os.getpid() + 7),
-                   CUDA_VISIBLE_DEVICES="")
-        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True, cwd=ROOT))
-    outs = [p.communicate(timeout=180) for p in procs]
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-2000:]
+    outs = run_gloo_ranks(code, str(os.getpid() + 7))
     term = str(int(signal.SIGTERM))
-    assert sorted(o.split() for o, _ in outs) == [["0", "3", "True", term], ["1", "3", "True", term]]
+    assert sorted(o.split() for o in outs) == [["0", "3", "True", term], ["1", "3", "True", term]]

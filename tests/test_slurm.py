@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import PAPER_DEMO
+from conftest import PAPER_DEMO, run_gloo_ranks
 from slurm_fixtures import ROOT, LocalSlurm, slurm  # noqa: F401  (fixture)
 
 LAUNCHERS = ["local", "submitit_local", "slurm", "slurm_cells", "slurm_8gpu"]
@@ -146,18 +146,8 @@ def test_gloo_process_group_two_processes(tmp_path):
         "print(td.get_backend(), d.rank, d.world_size, int(t.item()))\n"
         "destroy_process_group()\n"
     )
-    procs = []
-    for rank in range(2):
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-        env.update(SLURM_STEP_ID="0", SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_STEP_NUM_TASKS="2",
-                   SLURM_STEP_NODELIST="localhost", SLURM_STEP_NUM_NODES="1", SLURM_JOB_ID=str(os.getpid()),
-                   CUDA_VISIBLE_DEVICES="")
-        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=120) for p in procs]
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-2000:]
-    assert sorted(o.split() for o, _ in outs) == [["gloo", "0", "2", "3"], ["gloo", "1", "2", "3"]]
+    outs = run_gloo_ranks(code, str(os.getpid()))
+    assert sorted(o.split() for o in outs) == [["gloo", "0", "2", "3"], ["gloo", "1", "2", "3"]]
 
 
 # --- waiting on cells (fake jobs, no SLURM needed) -----------------------------------------------

@@ -78,7 +78,9 @@ def plan(sweep: Path) -> list[CellSync]:
     from dft.runs import read_json
 
     out = []
-    for cell in sorted(p for p in sweep.iterdir() if p.is_dir() and p.name[0] not in "._"):
+    # a cell folder holds Hydra's .hydra/, its config.yaml or a summary.json; others (dft.report's report/) are not cells
+    for cell in sorted(p for p in sweep.iterdir() if p.is_dir() and p.name[0] not in "._"
+                       and ((p / ".hydra").is_dir() or any((p / f).exists() for f in ("summary.json", "config.yaml")))):
         c = CellSync(cell=cell)
         out.append(c)
         folders = _offline_folders(cell)

@@ -348,6 +348,8 @@ def describe_error(e: BaseException) -> str:
                 "parameter: their constructors reject misspelt ones)")
     if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
         return f"{cause.full_key}: {_first_line(cause)}"
+    if "Ambiguous value for argument" in str(e):  # Hydra's hint to sweep sits on a later line
+        return f"{type(e).__name__}: {_first_line(e)}; to sweep over the values, add -m (--multirun)"
     return f"{type(e).__name__}: {_first_line(e)}"
 
 

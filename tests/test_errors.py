@@ -46,6 +46,10 @@ def _last(p) -> str:
                  "error: unknown key strategy.sft.lerning_rate: strategy.sft (StageConfig) has only kind, "
                  "max_samples, truncation, nll_over, trainer",
                  "+strategy", id="unknown_typed_key_names_the_valid_keys_without_the_plus_hint"),
+    pytest.param("strategy=dpo,orpo",
+                 "error: ConfigCompositionException: Ambiguous value for argument 'strategy=dpo,orpo'; "
+                 "to sweep over the values, add -m (--multirun)",
+                 "Traceback", id="a_sweep_without_-m_says_to_add_it"),
 ])
 def test_compose_error_is_one_line(override, message, absent, tmp_path):
     """A bad override ends in exactly one stderr line, exit status 2, without what must not be there

@@ -57,6 +57,8 @@ def sweep(tmp_path_factory):
     _cell(root, "d_no_wandb", finished=True)
     (root / ".submitit").mkdir()
     (root / "_plan").mkdir()
+    (root / "report").mkdir()  # what dft.report writes into a sweep: not a cell
+    (root / "report" / "report.md").write_text("# report\n")
     return root, (first, second), c, cell_lock
 
 
@@ -75,7 +77,7 @@ def test_dry_run_with_the_real_client_lists_only_the_finished_cells_runs(sweep, 
     assert "skipped: b_unfinished: not finished (no finished summary.json)" in out
     assert f"skipped: c_running: running now (pid {os.getpid()} on " in out
     assert "skipped: d_no_wandb: no offline W&B run (logged online, or logger disabled)" in out
-    assert "1 cell(s) would upload, 3 skipped" in out
+    assert "1 cell(s) would upload, 3 skipped" in out and "report" not in out
     assert not (root / "a_requeued" / "wandb" / ".dft-synced.json").exists()  # a dry run marks nothing
 
 
